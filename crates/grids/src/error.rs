@@ -1,0 +1,49 @@
+//! The error type of the number-format crate.
+
+/// What can go wrong when choosing or applying a number format.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GridError {
+    /// A tensor holds NaN or infinite values; `tensor` names it.
+    #[error("tensor `{tensor}` holds a non-finite value ({value}) at flat index {index}")]
+    NonFinite {
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
+    /// Bits outside what the format supports.
+    #[error("bits = {bits} is not supported by {format}: choose {allowed}")]
+    UnsupportedBits {
+        bits: u32,
+        format: String,
+        allowed: String,
+    },
+    /// A group size that does not divide the number of input columns.
+    #[error("group size {group_size} does not divide the {columns} input columns of `{tensor}` (use a divisor of {columns}, or -1 for one group per row)")]
+    GroupSize {
+        tensor: String,
+        group_size: i64,
+        columns: usize,
+    },
+    /// Shapes that do not fit together.
+    #[error("shape mismatch in {what}: {detail}")]
+    Shape { what: String, detail: String },
+    /// Any other invalid argument, named.
+    #[error("invalid {option}: {detail}")]
+    InvalidOption { option: String, detail: String },
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = GridError> = std::result::Result<T, E>;
+
+/// Check that every value of `data` is finite; the error names `tensor`.
+pub fn check_finite(tensor: &str, data: &[f32]) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(GridError::NonFinite {
+            tensor: tensor.to_string(),
+            index,
+            value: data[index],
+        }),
+    }
+}

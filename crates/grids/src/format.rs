@@ -1,0 +1,109 @@
+//! The shared trait that every scalar number format implements, so that a notebook or a
+//! solver can swap one format for another.
+//!
+//! A format quantizes one *group* of weights (a run of input columns of one output row,
+//! or a whole row, or the whole tensor) with a small set of parameters, [`GroupParams`]:
+//! a scale and a zero point. Uniform grids use both; codebook formats (NF4, FP4) use the
+//! scale as the block absmax; FP8 uses the scale as the per-channel or per-tensor scale.
+
+use serde::{Deserialize, Serialize};
+
+/// Parameters shared by one group of weights.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupParams {
+    /// Step (uniform), absmax (codebooks) or scale (FP8, int8).
+    pub scale: f32,
+    /// Zero point in code units (uniform affine); 0 for formats without one.
+    pub zero: f32,
+}
+
+impl GroupParams {
+    /// Parameters with a scale and no zero point.
+    pub fn scale_only(scale: f32) -> Self {
+        Self { scale, zero: 0.0 }
+    }
+}
+
+/// A scalar number format: fit parameters to a group, then encode and decode scalars.
+///
+/// Implementations are plain, deterministic reference code. `encode` must return the code
+/// of the grid point nearest to `x` under the format's rounding rule.
+pub trait Format: Send + Sync + std::fmt::Debug {
+    /// A short, stable name such as `int4-sym`, `nf4`, `fp8-e4m3`.
+    fn name(&self) -> String;
+    /// Bits of one stored code.
+    fn code_bits(&self) -> u32;
+    /// Bits stored for the parameters of one group (scale and zero), before any
+    /// double quantization.
+    fn param_bits(&self) -> f64;
+    /// Choose the parameters of one group from its weights.
+    fn fit(&self, w: &[f32]) -> GroupParams;
+    /// Choose parameters minimising an importance-weighted error; the default ignores the
+    /// weights. `importance[i]` weighs `w[i]` (e.g. the diagonal of the Hessian).
+    fn fit_weighted(&self, w: &[f32], importance: Option<&[f32]>) -> GroupParams {
+        let _ = importance;
+        self.fit(w)
+    }
+    /// The code of `x` under `p`.
+    fn encode(&self, x: f32, p: GroupParams) -> u8;
+    /// The value of `code` under `p`.
+    fn decode(&self, code: u8, p: GroupParams) -> f32;
+    /// `decode(encode(x))`: the value `x` is replaced by.
+    #[inline]
+    fn quantize(&self, x: f32, p: GroupParams) -> f32 {
+        self.decode(self.encode(x, p), p)
+    }
+    /// Every representable value under `p`, in code order (for plots and brute force).
+    fn levels(&self, p: GroupParams) -> Vec<f32> {
+        (0..(1u32 << self.code_bits()))
+            .map(|c| self.decode(c as u8, p))
+            .collect()
+    }
+}
+
+/// How weights of an `[out, in]` matrix are grouped to share parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Granularity {
+    /// One parameter set for the whole tensor.
+    PerTensor,
+    /// One parameter set per output row (= group size -1 in GPTQ's terms).
+    PerChannel,
+    /// One parameter set per run of `g` input columns of each row.
+    Group(usize),
+}
+
+impl Granularity {
+    /// From the GPTQ convention: `-1` = whole row, `g > 0` = groups of `g` columns.
+    pub fn from_group_size(group_size: i64) -> crate::Result<Self> {
+        match group_size {
+            -1 => Ok(Self::PerChannel),
+            g if g > 0 => Ok(Self::Group(g as usize)),
+            g => Err(crate::GridError::InvalidOption {
+                option: "group size".into(),
+                detail: format!("{g}: use -1 (whole row) or a positive number of columns"),
+            }),
+        }
+    }
+
+    /// The group length in columns for a row of `columns` inputs.
+    pub fn group_len(&self, columns: usize) -> usize {
+        match *self {
+            Self::PerTensor | Self::PerChannel => columns,
+            Self::Group(g) => g,
+        }
+    }
+
+    /// Check that the granularity fits an `[out, in]` matrix named `tensor`.
+    pub fn check(&self, tensor: &str, columns: usize) -> crate::Result<()> {
+        if let Self::Group(g) = *self {
+            if g == 0 || columns % g != 0 {
+                return Err(crate::GridError::GroupSize {
+                    tensor: tensor.into(),
+                    group_size: g as i64,
+                    columns,
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,16 @@
+//! The error type of this crate.
+
+/// What can go wrong in the layer solvers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SolverError {
+    /// An error from the number formats.
+    #[error(transparent)]
+    Grid(#[from] quantlab_grids::GridError),
+    /// Any other invalid argument, named.
+    #[error("invalid {option}: {detail}")]
+    InvalidOption { option: String, detail: String },
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = SolverError> = std::result::Result<T, E>;
