@@ -37,13 +37,28 @@ pub enum GridError {
 pub type Result<T, E = GridError> = std::result::Result<T, E>;
 
 /// Check that every value of `data` is finite; the error names `tensor`.
+///
+/// ```
+/// use quantlab_grids::{check_finite, GridError};
+/// assert!(check_finite("w", &[1.0, 2.0]).is_ok());
+/// let e = check_finite("layers.0.q_proj", &[1.0, f32::NAN]).unwrap_err();
+/// assert!(matches!(e, GridError::NonFinite { index: 1, .. }));
+/// assert!(e.to_string().contains("layers.0.q_proj"));
+/// ```
 pub fn check_finite(tensor: &str, data: &[f32]) -> Result<()> {
-    match data.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(index) => Err(GridError::NonFinite {
-            tensor: tensor.to_string(),
-            index,
-            value: data[index],
-        }),
+    check_finite_iter(tensor, data.iter().copied())
+}
+
+/// [`check_finite`] over any sequence (e.g. a non-contiguous ndarray view).
+pub(crate) fn check_finite_iter(tensor: &str, data: impl Iterator<Item = f32>) -> Result<()> {
+    for (index, value) in data.enumerate() {
+        if !value.is_finite() {
+            return Err(GridError::NonFinite {
+                tensor: tensor.to_string(),
+                index,
+                value,
+            });
+        }
     }
+    Ok(())
 }

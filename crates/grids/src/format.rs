@@ -36,6 +36,11 @@ pub trait Format: Send + Sync + std::fmt::Debug {
     /// Bits stored for the parameters of one group (scale and zero), before any
     /// double quantization.
     fn param_bits(&self) -> f64;
+    /// Bits of the scale alone inside [`Format::param_bits`] (the part that double
+    /// quantization replaces); the default says the parameters are a scale only.
+    fn scale_bits(&self) -> f64 {
+        self.param_bits()
+    }
     /// Choose the parameters of one group from its weights.
     fn fit(&self, w: &[f32]) -> GroupParams;
     /// Choose parameters minimising an importance-weighted error; the default ignores the
@@ -54,6 +59,8 @@ pub trait Format: Send + Sync + std::fmt::Debug {
         self.decode(self.encode(x, p), p)
     }
     /// Every representable value under `p`, in code order (for plots and brute force).
+    /// All `2^code_bits` codes are decoded, so FP8 lists its NaN (and E5M2 its inf) codes
+    /// and int8 lists code -128, which the encoder never produces.
     fn levels(&self, p: GroupParams) -> Vec<f32> {
         (0..(1u32 << self.code_bits()))
             .map(|c| self.decode(c as u8, p))

@@ -1,9 +1,14 @@
 //! The hand-off type between solvers, models and checkpoint formats.
 
+use crate::codebook::Codebook;
+use crate::double_quant::{DoubleQuant, NestedScales};
 use crate::format::{Format, Granularity, GroupParams};
+use crate::fp8::{Fp8Format, Fp8Kind};
+use crate::int8::Int8Absmax;
 use crate::uniform::UniformGrid;
 use crate::{GridError, Result};
 use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// A serialisable description of a number format; [`FormatSpec::build`] gives the
@@ -13,13 +18,41 @@ use serde::{Deserialize, Serialize};
 pub enum FormatSpec {
     /// Uniform affine grid (GPTQ/AWQ/RTN integer formats).
     Uniform(UniformGrid),
+    /// QLoRA's NF4 codebook with absmax scaling ([`Codebook::nf4`]); bitsandbytes uses
+    /// blocks of 64: `Granularity::Group(64)`.
+    Nf4,
+    /// bitsandbytes' FP4 codebook with absmax scaling ([`Codebook::fp4`]).
+    Fp4,
+    /// FP8 with an f32 scale per tensor or per channel ([`Fp8Format`]).
+    Fp8(Fp8Kind),
+    /// LLM.int8() absmax int8, `SCB` per row with `Granularity::PerChannel` ([`Int8Absmax`]).
+    Int8,
 }
 
 impl FormatSpec {
     /// The format implementation.
+    ///
+    /// ```
+    /// use quantlab_grids::{FormatSpec, Format, GroupParams};
+    /// let nf4 = FormatSpec::Nf4.build();
+    /// assert_eq!((nf4.name(), nf4.code_bits()), ("nf4".to_string(), 4));
+    /// assert_eq!(nf4.quantize(-0.7, GroupParams::scale_only(1.0)), -0.6961928);
+    /// ```
     pub fn build(&self) -> Box<dyn Format> {
         match self {
             FormatSpec::Uniform(g) => Box::new(*g),
+            FormatSpec::Nf4 => Box::new(Codebook::nf4()),
+            FormatSpec::Fp4 => Box::new(Codebook::fp4()),
+            FormatSpec::Fp8(kind) => Box::new(Fp8Format { kind: *kind }),
+            FormatSpec::Int8 => Box::new(Int8Absmax),
+        }
+    }
+
+    /// Check the settings (a spec read from a file bypasses the constructors).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            FormatSpec::Uniform(g) => g.validate(),
+            _ => Ok(()),
         }
     }
 }
@@ -53,14 +86,24 @@ impl BitsAccounting {
 ///
 /// `codes[[r, k]]` is the code of weight `(r, k)` in the original column order; its group is
 /// `g_idx[k]`, whose parameters are `scales[[r, g_idx[k]]]` and `zeros[[r, g_idx[k]]]`.
+/// With double quantization (`nested` is `Some`), `scales` holds the reconstructed
+/// (double-quantized) scales, so every method decodes with the values a loader would use.
 #[derive(Clone, Debug)]
 pub struct QuantizedLinear {
+    /// The number format.
     pub spec: FormatSpec,
+    /// How weights share parameters.
     pub granularity: Granularity,
+    /// `[out, in]` codes, original column order.
     pub codes: Array2<u8>,
+    /// `[out, n_groups]` scales (step, absmax or FP8 scale).
     pub scales: Array2<f32>,
+    /// `[out, n_groups]` zero points in code units (0 for formats without one).
     pub zeros: Array2<f32>,
+    /// Group of each input column.
     pub g_idx: Vec<u32>,
+    /// The 8-bit codes of the scales when double-quantized (QLoRA), row-major over `scales`.
+    pub nested: Option<NestedScales>,
 }
 
 impl QuantizedLinear {
@@ -73,6 +116,7 @@ impl QuantizedLinear {
         zeros: Array2<f32>,
         g_idx: Vec<u32>,
     ) -> Result<Self> {
+        spec.validate()?;
         let (out, inp) = codes.dim();
         let shape_err = |detail: String| GridError::Shape {
             what: "QuantizedLinear".into(),
@@ -98,6 +142,15 @@ impl QuantizedLinear {
                 scales.ncols()
             )));
         }
+        let bits = spec.build().code_bits();
+        if bits < 8 {
+            if let Some(&c) = codes.iter().find(|&&c| u32::from(c) >> bits != 0) {
+                return Err(GridError::InvalidOption {
+                    option: "codes".into(),
+                    detail: format!("code {c} does not fit the {bits} bits of the format"),
+                });
+            }
+        }
         Ok(Self {
             spec,
             granularity,
@@ -105,7 +158,77 @@ impl QuantizedLinear {
             scales,
             zeros,
             g_idx,
+            nested: None,
         })
+    }
+
+    /// Double-quantize the scales (QLoRA): the scales, row-major, are replaced by their
+    /// reconstruction from 8-bit dynamic codes in blocks of `dq.blocksize`, and `nested`
+    /// keeps the codes. Errors for per-tensor granularity (one scale: nothing to gain), when
+    /// already double-quantized, or on non-finite scales.
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use quantlab_grids::{double_quant::DoubleQuant, quantize_rtn, FormatSpec, Granularity};
+    /// let w = Array2::from_shape_fn((128, 256), |(r, k)| ((r * 7 + k * 13) % 17) as f32 - 8.0);
+    /// let q = quantize_rtn("w", w.view(), &FormatSpec::Nf4, Granularity::Group(64)).unwrap();
+    /// assert_eq!(q.bits_per_weight(), 4.0 + 32.0 / 64.0);
+    /// let dq = q.with_double_quant(DoubleQuant::default()).unwrap();
+    /// // 512 scales: 8 bits each, 2 nested f32 absmax, 1 f32 offset
+    /// let expected = 4.0 + (8.0 * 512.0 + 32.0 * 2.0 + 32.0) / (128.0 * 256.0);
+    /// assert!((dq.bits_per_weight() - expected).abs() < 1e-12);
+    /// ```
+    pub fn with_double_quant(mut self, dq: DoubleQuant) -> Result<Self> {
+        if self.nested.is_some() {
+            return Err(GridError::InvalidOption {
+                option: "double quantization".into(),
+                detail: "the scales are already double-quantized".into(),
+            });
+        }
+        if self.granularity == Granularity::PerTensor {
+            return Err(GridError::InvalidOption {
+                option: "double quantization".into(),
+                detail: "needs per-channel or per-group scales, not one per tensor".into(),
+            });
+        }
+        let flat: Vec<f32> = self.scales.iter().copied().collect();
+        let nested = dq.quantize_absmax(&flat)?;
+        let back = nested.dequantize();
+        self.scales =
+            Array2::from_shape_vec(self.scales.dim(), back).expect("as many scales as before");
+        self.nested = Some(nested);
+        Ok(self)
+    }
+
+    /// Mean squared error of the dequantized weight against `w` (same shape; a mismatch is a
+    /// caller bug and panics).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use quantlab_grids::{quantize_rtn, FormatSpec, Granularity, UniformGrid};
+    /// let w = array![[0.0f32, 0.4, 1.0, 1.5]];
+    /// let spec = FormatSpec::Uniform(UniformGrid::new(2, false).unwrap());
+    /// let q = quantize_rtn("w", w.view(), &spec, Granularity::PerChannel).unwrap();
+    /// // step 0.5: levels 0, 0.5, 1, 1.5; only 0.4 moves, by 0.1
+    /// assert!((q.mse(w.view()) - 0.01 / 4.0).abs() < 1e-7);
+    /// ```
+    #[track_caller]
+    pub fn mse(&self, w: ArrayView2<f32>) -> f32 {
+        assert_eq!(
+            w.dim(),
+            self.shape(),
+            "mse: weight shape differs from the codes"
+        );
+        let d = self.dequantize();
+        let sum: f64 = d
+            .iter()
+            .zip(w.iter())
+            .map(|(&a, &b)| {
+                let e = (a - b) as f64;
+                e * e
+            })
+            .sum();
+        (sum / w.len().max(1) as f64) as f32
     }
 
     /// `(out, in)`.
@@ -147,7 +270,17 @@ impl QuantizedLinear {
     }
 
     /// Exact bits spent: codes, parameters (one set per tensor, row or group) and a
-    /// non-trivial `g_idx`.
+    /// non-trivial `g_idx`. With double quantization a scale costs 8 bits, plus 32 bits per
+    /// nested block and 32 bits for the offset (zero points, if any, are unchanged).
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use quantlab_grids::{quantize_rtn, FormatSpec, Granularity, UniformGrid};
+    /// let w = Array2::from_shape_fn((8, 256), |(r, k)| (r as f32 - k as f32).sin());
+    /// let sym = FormatSpec::Uniform(UniformGrid::new(4, true).unwrap());
+    /// let q = quantize_rtn("w", w.view(), &sym, Granularity::Group(128)).unwrap();
+    /// assert_eq!(q.bits_per_weight(), 4.0 + 16.0 / 128.0); // f16 scale per 128 weights
+    /// ```
     pub fn bits(&self) -> BitsAccounting {
         let (out, inp) = self.shape();
         let f = self.spec.build();
@@ -155,10 +288,19 @@ impl QuantizedLinear {
             Granularity::PerTensor => 1,
             _ => out * self.n_groups(),
         };
+        let param_bits = match &self.nested {
+            None => sets as f64 * f.param_bits(),
+            Some(n) => {
+                sets as f64 * (f.param_bits() - f.scale_bits())
+                    + 8.0 * n.codes.len() as f64
+                    + 32.0 * n.nested_absmax.len() as f64
+                    + 32.0
+            }
+        };
         BitsAccounting {
             weights: (out * inp) as u64,
             code_bits: (out * inp) as f64 * f.code_bits() as f64,
-            param_bits: sets as f64 * f.param_bits(),
+            param_bits,
             index_bits: if self.g_idx_is_trivial() {
                 0.0
             } else {
@@ -176,7 +318,22 @@ impl QuantizedLinear {
 /// Round-to-nearest of a whole `[out, in]` matrix onto `spec` with the given granularity.
 ///
 /// The reference for every solver: each group's parameters come from `Format::fit` on the
-/// group's weights, each weight is encoded independently. `name` is used in errors.
+/// group's weights, each weight is encoded independently. Rows run in parallel (rayon).
+/// `name` is used in errors: non-finite weights, a group size that does not divide `in`,
+/// an invalid spec, an empty matrix.
+///
+/// ```
+/// use ndarray::array;
+/// use quantlab_grids::{quantize_rtn, FormatSpec, Granularity, UniformGrid};
+/// let w = array![[-1.0f32, 0.5, 2.0, 0.0]];
+/// let spec = FormatSpec::Uniform(UniformGrid::new(4, false).unwrap());
+/// let q = quantize_rtn("w", w.view(), &spec, Granularity::PerChannel).unwrap();
+/// // scale (2 - -1) / 15 = 0.2, zero round(1 / 0.2) = 5
+/// assert!((q.scales[[0, 0]] - 0.2).abs() < 1e-7 && q.zeros[[0, 0]] == 5.0);
+/// // 0.5 / 0.2 = 2.5 rounds half to even: 2 + 5 = code 7, value 0.4
+/// assert_eq!(q.codes.row(0).to_vec(), vec![0, 7, 15, 5]);
+/// assert!((q.dequantize()[[0, 1]] - 0.4).abs() < 1e-6);
+/// ```
 pub fn quantize_rtn(
     name: &str,
     w: ArrayView2<f32>,
@@ -184,29 +341,39 @@ pub fn quantize_rtn(
     granularity: Granularity,
 ) -> Result<QuantizedLinear> {
     let (out, inp) = w.dim();
-    crate::check_finite(name, &w.iter().copied().collect::<Vec<_>>())?;
+    spec.validate()?;
+    if out == 0 || inp == 0 {
+        return Err(GridError::Shape {
+            what: format!("tensor `{name}`"),
+            detail: format!("empty matrix {out} x {inp}"),
+        });
+    }
+    crate::error::check_finite_iter(name, w.iter().copied())?;
     granularity.check(name, inp)?;
     let f = spec.build();
     let g = granularity.group_len(inp);
     let n_groups = inp / g;
-    let mut codes = Array2::<u8>::zeros((out, inp));
-    let mut scales = Array2::<f32>::zeros((out, n_groups));
-    let mut zeros = Array2::<f32>::zeros((out, n_groups));
     let tensor_params = match granularity {
         Granularity::PerTensor => Some(f.fit(&w.iter().copied().collect::<Vec<_>>())),
         _ => None,
     };
-    for r in 0..out {
-        for gi in 0..n_groups {
-            let slab: Vec<f32> = (gi * g..(gi + 1) * g).map(|k| w[[r, k]]).collect();
-            let p = tensor_params.unwrap_or_else(|| f.fit(&slab));
-            scales[[r, gi]] = p.scale;
-            zeros[[r, gi]] = p.zero;
-            for (j, &x) in slab.iter().enumerate() {
-                codes[[r, gi * g + j]] = f.encode(x, p);
+    let rows: Vec<(Vec<u8>, Vec<GroupParams>)> = (0..out)
+        .into_par_iter()
+        .map(|r| {
+            let row = w.row(r).to_vec();
+            let mut codes = Vec::with_capacity(inp);
+            let mut params = Vec::with_capacity(n_groups);
+            for slab in row.chunks(g) {
+                let p = tensor_params.unwrap_or_else(|| f.fit(slab));
+                params.push(p);
+                codes.extend(slab.iter().map(|&x| f.encode(x, p)));
             }
-        }
-    }
+            (codes, params)
+        })
+        .collect();
+    let codes = Array2::from_shape_fn((out, inp), |(r, k)| rows[r].0[k]);
+    let scales = Array2::from_shape_fn((out, n_groups), |(r, gi)| rows[r].1[gi].scale);
+    let zeros = Array2::from_shape_fn((out, n_groups), |(r, gi)| rows[r].1[gi].zero);
     let g_idx = (0..inp).map(|k| (k / g) as u32).collect();
     QuantizedLinear::from_parts(spec.clone(), granularity, codes, scales, zeros, g_idx)
 }

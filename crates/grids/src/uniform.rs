@@ -63,6 +63,33 @@ impl UniformGrid {
         })
     }
 
+    /// Check `bits` and the clipping parameters (for a grid built by hand or deserialized).
+    pub fn validate(&self) -> Result<()> {
+        if !(2..=8).contains(&self.bits) {
+            return Err(GridError::UnsupportedBits {
+                bits: self.bits,
+                format: "the uniform grid".into(),
+                allowed: "2..=8".into(),
+            });
+        }
+        if let Some(c) = self.clip {
+            if c.grid == 0
+                || !(0.0..=1.0).contains(&c.max_shrink)
+                || c.norm.is_nan()
+                || c.norm <= 0.0
+            {
+                return Err(GridError::InvalidOption {
+                    option: "MSE clip".into(),
+                    detail: format!(
+                        "grid {} (>= 1), max_shrink {} (in [0, 1]), norm {} (> 0)",
+                        c.grid, c.max_shrink, c.norm
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The same grid with the MSE clipping search switched on.
     pub fn with_clip(mut self, clip: MseClip) -> Self {
         self.clip = Some(clip);
@@ -123,7 +150,8 @@ impl UniformGrid {
         let mut best_p = base;
         let steps = (clip.max_shrink * clip.grid as f32) as u32;
         for i in 0..steps {
-            let p = 1.0 - i as f32 / clip.grid as f32;
+            // Python computes `p = 1 - i / grid` in double and torch rounds it to f32.
+            let p = (1.0 - i as f64 / clip.grid as f64) as f32;
             let (xmin1, xmax1) = (p * xmin, p * xmax);
             let mut cand = self.params_for_range(xmin1, xmax1);
             if self.sym {
@@ -164,6 +192,11 @@ impl Format for UniformGrid {
     /// constant of the format).
     fn param_bits(&self) -> f64 {
         16.0 + if self.sym { 0.0 } else { self.bits as f64 }
+    }
+
+    /// The f16 scale.
+    fn scale_bits(&self) -> f64 {
+        16.0
     }
 
     fn fit(&self, w: &[f32]) -> GroupParams {
