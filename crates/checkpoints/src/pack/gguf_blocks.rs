@@ -1,0 +1,1512 @@
+//! The ggml block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K.
+//!
+//! A format is a type: each block is a `#[repr(C)]` struct whose size is checked at compile
+//! time against ggml's type size, and [`GgufBlock`] carries the constants (weights per block
+//! `QK`, GGUF type id, bytes per block) and slice-to-slice functions that allocate nothing:
+//! [`GgufBlock::quantize_ref`], [`GgufBlock::quantize_weighted`], [`GgufBlock::dequantize`],
+//! [`GgufBlock::write_blocks`] / [`GgufBlock::read_blocks`] (exact little-endian on-disk
+//! bytes). [`GgmlType`] selects a type at run time; [`quantize`] and [`dequantize`] are the
+//! checked, allocating entry points for whole rows.
+//!
+//! # Dequantization (exact ggml layouts)
+//!
+//! Every dequantizer evaluates the same f32 expression, in the same order, as ggml's scalar
+//! reference (no fused multiply-add), so its values are bit-identical to the `gguf` Python
+//! package's `gguf.quants.dequantize` (the tests check this for every type).
+//!
+//! # Quantization
+//!
+//! * Legacy types, `quantize_ref`: ggml's round-to-nearest reference formulas, byte for byte.
+//!   Q4_0 / Q5_0: `d = max / -8` (`/ -16`) with `max` the signed value of largest `|x|` (the
+//!   first one on ties), `q = min(15, trunc(x / d + 8.5))` (`min(31, trunc(x / d + 16.5))`);
+//!   Q4_1 / Q5_1: `d = (max - min) / 15` (`/ 31`), `m = min`,
+//!   `q = min(15, trunc((x - min) / d + 0.5))`; Q8_0: `d = amax / 127`, `q = round(x / d)`
+//!   (half away from zero). All products use `1 / d` computed in f32 from the unrounded `d`;
+//!   `d` and `m` are then stored as f16 (round to nearest even).
+//! * K-quants (our own search; ggml's exact search is not reproduced, the bytes differ from
+//!   llama.cpp's but decode with the exact layout): each sub-block (32 weights for Q4_K /
+//!   Q5_K, 16 for Q2_K / Q3_K / Q6_K) gets a scale (and for the affine types a min) from
+//!   [`fit_affine`] or [`fit_symmetric`]: 21 candidate steps around the full-range step,
+//!   codes rounded to nearest, then the weighted least-squares scale (and offset) for those
+//!   codes, keeping the candidate of least `sum_i w_i (x_i - y_i)^2`. The sub-block scales
+//!   (and mins) are then quantized to 6 bits (4 bits for Q2_K, signed 8 bits for Q6_K,
+//!   signed 6 bits for Q3_K) against an f16 super-block scale `d = max / 63` (`/ 15`,
+//!   `/ 127`, `/ 31`), and finally every code is re-rounded to nearest under the stored
+//!   (quantized) parameters.
+//! * Importance (imatrix) hook, `quantize_weighted(x, w)`: the same searches with per-weight
+//!   importance `w_i >= 0`, minimising `sum_i w_i (x_i - y_i)^2` with `y` the dequantized
+//!   block. For the legacy types the searched block is kept only when its weighted error is
+//!   below that of the reference block, so it is never worse under the objective. A block
+//!   whose importance sums to 0 is quantized as with uniform weights.
+//!
+//! ```
+//! use quantlab_checkpoints::pack::gguf_blocks::{BlockQ4_0, GgufBlock};
+//! let x: Vec<f32> = (0..32).map(|i| (i as f32 - 12.0) * 0.25).collect();
+//! let mut b = [BlockQ4_0::ZERO; 1];
+//! BlockQ4_0::quantize_ref(&x, &mut b);
+//! let mut y = [0.0f32; 32];
+//! BlockQ4_0::dequantize(&b, &mut y);
+//! // largest |x| is 4.75 (i = 31): d = -4.75 / 8, so every error is at most |d| / 2
+//! assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() <= 4.75 / 16.0 + 1e-3));
+//! ```
+
+#![allow(non_camel_case_types)]
+
+use super::pack_err;
+use crate::Result;
+use half::f16;
+
+/// Weights per K-quant super-block.
+pub const QK_K: usize = 256;
+
+/// A ggml quantization block: constants and slice-to-slice reference functions.
+pub trait GgufBlock: Copy + Send + Sync + std::fmt::Debug + PartialEq + 'static {
+    /// Weights per block.
+    const QK: usize;
+    /// The GGUF (`ggml_type`) id.
+    const TYPE_ID: u32;
+    /// Bytes per block on disk (= `size_of::<Self>()`).
+    const TYPE_SIZE: usize;
+    /// The ggml name, e.g. `Q4_K`.
+    const NAME: &'static str;
+    /// An all-zero block.
+    const ZERO: Self;
+
+    /// Quantize one block of `QK` weights; `w` (same length) are importance weights, `None`
+    /// for the reference quantizer.
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self;
+    /// Dequantize one block into `y` (`QK` values).
+    fn dequantize_block(&self, y: &mut [f32]);
+    /// The block's `TYPE_SIZE` little-endian bytes.
+    fn write_le(&self, out: &mut [u8]);
+    /// A block from its `TYPE_SIZE` little-endian bytes.
+    fn read_le(bytes: &[u8]) -> Self;
+
+    /// Reference quantization of `x` (`blocks.len() * QK` values) into `blocks`.
+    #[track_caller]
+    fn quantize_ref(x: &[f32], blocks: &mut [Self]) {
+        check_len::<Self>(x.len(), blocks.len());
+        for (xb, b) in x.chunks_exact(Self::QK).zip(blocks.iter_mut()) {
+            *b = Self::quantize_block(xb, None);
+        }
+    }
+
+    /// Importance-weighted quantization (imatrix): minimises
+    /// `sum_i importance_i (x_i - y_i)^2` per block (see the module docs).
+    #[track_caller]
+    fn quantize_weighted(x: &[f32], importance: &[f32], blocks: &mut [Self]) {
+        check_len::<Self>(x.len(), blocks.len());
+        assert_eq!(
+            importance.len(),
+            x.len(),
+            "importance and weights differ in length"
+        );
+        for ((xb, wb), b) in x
+            .chunks_exact(Self::QK)
+            .zip(importance.chunks_exact(Self::QK))
+            .zip(blocks.iter_mut())
+        {
+            let usable = wb.iter().map(|&w| w as f64).sum::<f64>() > 0.0;
+            *b = Self::quantize_block(xb, usable.then_some(wb));
+        }
+    }
+
+    /// Dequantize `blocks` into `y` (`blocks.len() * QK` values).
+    #[track_caller]
+    fn dequantize(blocks: &[Self], y: &mut [f32]) {
+        check_len::<Self>(y.len(), blocks.len());
+        for (b, yb) in blocks.iter().zip(y.chunks_exact_mut(Self::QK)) {
+            b.dequantize_block(yb);
+        }
+    }
+
+    /// Write `blocks` as their on-disk bytes (`blocks.len() * TYPE_SIZE`).
+    #[track_caller]
+    fn write_blocks(blocks: &[Self], out: &mut [u8]) {
+        assert_eq!(
+            out.len(),
+            blocks.len() * Self::TYPE_SIZE,
+            "byte buffer length"
+        );
+        for (b, o) in blocks.iter().zip(out.chunks_exact_mut(Self::TYPE_SIZE)) {
+            b.write_le(o);
+        }
+    }
+
+    /// Read `blocks` from their on-disk bytes.
+    #[track_caller]
+    fn read_blocks(bytes: &[u8], blocks: &mut [Self]) {
+        assert_eq!(
+            bytes.len(),
+            blocks.len() * Self::TYPE_SIZE,
+            "byte buffer length"
+        );
+        for (b, i) in blocks.iter_mut().zip(bytes.chunks_exact(Self::TYPE_SIZE)) {
+            *b = Self::read_le(i);
+        }
+    }
+}
+
+#[track_caller]
+fn check_len<B: GgufBlock>(values: usize, blocks: usize) {
+    assert_eq!(
+        values,
+        blocks * B::QK,
+        "{values} values for {blocks} {} blocks of {}",
+        B::NAME,
+        B::QK
+    );
+}
+
+/// The on-disk bytes of `blocks`.
+pub fn to_bytes<B: GgufBlock>(blocks: &[B]) -> Vec<u8> {
+    let mut out = vec![0u8; blocks.len() * B::TYPE_SIZE];
+    B::write_blocks(blocks, &mut out);
+    out
+}
+
+/// Blocks from on-disk bytes; `name` (the tensor) appears in the error when the length is
+/// not a whole number of blocks.
+pub fn from_bytes<B: GgufBlock>(name: &str, bytes: &[u8]) -> Result<Vec<B>> {
+    if bytes.len() % B::TYPE_SIZE != 0 {
+        return Err(pack_err(
+            format!("GGUF {}", B::NAME),
+            name,
+            format!(
+                "{} bytes are not a whole number of {}-byte blocks",
+                bytes.len(),
+                B::TYPE_SIZE
+            ),
+        ));
+    }
+    let mut blocks = vec![B::ZERO; bytes.len() / B::TYPE_SIZE];
+    B::read_blocks(bytes, &mut blocks);
+    Ok(blocks)
+}
+
+// ---------------------------------------------------------------------------------------
+// Block structs
+
+/// Q4_0: 32 weights, `y = d * (q - 8)`; `qs[j]` holds `q[j]` (low nibble) and `q[j + 16]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ4_0 {
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+    /// Packed (low) bits of the codes.
+    pub qs: [u8; 16],
+}
+
+/// Q4_1: 32 weights, `y = d * q + m`; nibbles as Q4_0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ4_1 {
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+    /// f16 minimum (offset added to every weight).
+    pub m: f16,
+    /// Packed (low) bits of the codes.
+    pub qs: [u8; 16],
+}
+
+/// Q5_0: 32 weights, `y = d * (q - 16)`; low nibbles as Q4_0, bit 4 of `q[j]` at bit `j` of
+/// the little-endian u32 `qh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ5_0 {
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+    /// High bits of the codes.
+    pub qh: [u8; 4],
+    /// Packed (low) bits of the codes.
+    pub qs: [u8; 16],
+}
+
+/// Q5_1: 32 weights, `y = d * q + m`; bits as Q5_0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ5_1 {
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+    /// f16 minimum (offset added to every weight).
+    pub m: f16,
+    /// High bits of the codes.
+    pub qh: [u8; 4],
+    /// Packed (low) bits of the codes.
+    pub qs: [u8; 16],
+}
+
+/// Q8_0: 32 weights, `y = d * q`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ8_0 {
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+    /// Packed (low) bits of the codes.
+    pub qs: [i8; 32],
+}
+
+/// Q2_K: 256 weights in 16 sub-blocks of 16; `scales[s]` = 4-bit scale | 4-bit min << 4;
+/// `y = d * sc * q - dmin * m`, `q` in 0..=3: weight `128h + 32j + l` is bits `2j..2j+1` of
+/// `qs[32h + l]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ2_K {
+    /// Sub-block scales (and mins), packed as described above.
+    pub scales: [u8; 16],
+    /// Packed (low) bits of the codes.
+    pub qs: [u8; 64],
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+    /// f16 scale of the sub-block mins.
+    pub dmin: f16,
+}
+
+/// Q3_K: 256 weights in 16 sub-blocks of 16 with signed 6-bit scales (stored `+ 32`);
+/// `y = d * (sc - 32) * q`, `q = low2 - (hbit ? 0 : 4)`: weight `e = 128h + 32j + l` has its
+/// low bits at bits `2j..` of `qs[32h + l]` and its high bit at bit `e / 32` of
+/// `hmask[e % 32]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ3_K {
+    /// The high bit of every 3-bit code.
+    pub hmask: [u8; 32],
+    /// Packed (low) bits of the codes.
+    pub qs: [u8; 64],
+    /// Sub-block scales (and mins), packed as described above.
+    pub scales: [u8; 12],
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+}
+
+/// Q4_K: 256 weights in 8 sub-blocks of 32 with 6-bit scales and mins packed in 12 bytes;
+/// `y = d * sc * q - dmin * m`; sub-block `2c` is the low nibbles of `qs[32c..32c + 32]`,
+/// sub-block `2c + 1` the high nibbles.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ4_K {
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+    /// f16 scale of the sub-block mins.
+    pub dmin: f16,
+    /// Sub-block scales (and mins), packed as described above.
+    pub scales: [u8; 12],
+    /// Packed (low) bits of the codes.
+    pub qs: [u8; 128],
+}
+
+/// Q5_K: Q4_K plus a fifth bit: bit `s` of `qh[l]` for weight `32s + l`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ5_K {
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+    /// f16 scale of the sub-block mins.
+    pub dmin: f16,
+    /// Sub-block scales (and mins), packed as described above.
+    pub scales: [u8; 12],
+    /// High bits of the codes.
+    pub qh: [u8; 32],
+    /// Packed (low) bits of the codes.
+    pub qs: [u8; 128],
+}
+
+/// Q6_K: 256 weights in 16 sub-blocks of 16 with i8 scales; `y = d * sc * (q - 32)`;
+/// weight `128h + r`: low nibble from `ql[64h + r % 64]` (high nibble when `r >= 64`), top
+/// two bits at bits `2(r / 32)..` of `qh[32h + r % 32]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ6_K {
+    /// Low 4 bits of every 6-bit code.
+    pub ql: [u8; 128],
+    /// High bits of the codes.
+    pub qh: [u8; 64],
+    /// Sub-block scales (and mins), packed as described above.
+    pub scales: [i8; 16],
+    /// f16 scale (of the block; of the sub-block scales for K-quants).
+    pub d: f16,
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(std::mem::size_of::<BlockQ2_K>() == 84);
+const _: () = assert!(std::mem::size_of::<BlockQ3_K>() == 110);
+const _: () = assert!(std::mem::size_of::<BlockQ4_K>() == 144);
+const _: () = assert!(std::mem::size_of::<BlockQ5_K>() == 176);
+const _: () = assert!(std::mem::size_of::<BlockQ6_K>() == 210);
+
+// ---------------------------------------------------------------------------------------
+// Little-endian byte helpers
+
+struct Writer<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl<'a> Writer<'a> {
+    #[track_caller]
+    fn new(out: &'a mut [u8], size: usize) -> Self {
+        assert_eq!(out.len(), size, "block byte length");
+        Self { out, at: 0 }
+    }
+    fn f16(&mut self, v: f16) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.out[self.at..self.at + b.len()].copy_from_slice(b);
+        self.at += b.len();
+    }
+    fn i8s(&mut self, b: &[i8]) {
+        for (o, &v) in self.out[self.at..self.at + b.len()].iter_mut().zip(b) {
+            *o = v as u8;
+        }
+        self.at += b.len();
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    #[track_caller]
+    fn new(bytes: &'a [u8], size: usize) -> Self {
+        assert_eq!(bytes.len(), size, "block byte length");
+        Self { bytes, at: 0 }
+    }
+    fn f16(&mut self) -> f16 {
+        let v = f16::from_le_bytes([self.bytes[self.at], self.bytes[self.at + 1]]);
+        self.at += 2;
+        v
+    }
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let a: [u8; N] = self.bytes[self.at..self.at + N].try_into().unwrap();
+        self.at += N;
+        a
+    }
+    fn i8_array<const N: usize>(&mut self) -> [i8; N] {
+        self.array::<N>().map(|b| b as i8)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scale searches (shared by every quantizer)
+
+/// Weight `i` (1 when there are no importance weights).
+#[inline]
+fn wt(w: Option<&[f32]>, i: usize) -> f64 {
+    w.map_or(1.0, |w| w[i] as f64)
+}
+
+/// `sum_i w_i (x_i - y_i)^2`.
+fn weighted_error(x: &[f32], y: &[f32], w: Option<&[f32]>) -> f64 {
+    x.iter()
+        .zip(y)
+        .enumerate()
+        .map(|(i, (&a, &b))| wt(w, i) * ((a - b) as f64).powi(2))
+        .sum()
+}
+
+/// Symmetric scale search for codes in `nlo..=nhi` (`nlo < 0`): returns a signed scale `d`
+/// for `y = d * q`.
+///
+/// Candidates: `d_t = max / -(|nlo| + t / 10)` for `t` in `-10..=10` (`max` the signed value
+/// of largest `|x|`, so `t = 0` maps it to `nlo` as ggml's Q4_0 does), codes
+/// `q = clamp(round(x / d_t))`, and for those codes also the weighted least-squares scale
+/// `sum w x q / sum w q^2`; the candidate of least `sum w (x - d q)^2` wins (first on ties).
+pub fn fit_symmetric(x: &[f32], w: Option<&[f32]>, nlo: i32, nhi: i32) -> f32 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        return 0.0;
+    }
+    let err_of = |d: f32| -> f64 {
+        x.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let q = (v / d).round().clamp(nlo as f32, nhi as f32);
+                wt(w, i) * ((v - d * q) as f64).powi(2)
+            })
+            .sum()
+    };
+    let base = max / -(nlo as f32);
+    let mut best = (err_of(base), base);
+    for t in -10..=10 {
+        let d = max / -(-(nlo as f32) + t as f32 * 0.1);
+        if !d.is_finite() || d == 0.0 {
+            continue;
+        }
+        let (mut sxq, mut sqq) = (0.0f64, 0.0f64);
+        for (i, &v) in x.iter().enumerate() {
+            let q = (v / d).round().clamp(nlo as f32, nhi as f32) as f64;
+            sxq += wt(w, i) * v as f64 * q;
+            sqq += wt(w, i) * q * q;
+        }
+        let mut cands = [d, d];
+        if sqq > 0.0 {
+            cands[1] = (sxq / sqq) as f32;
+        }
+        for c in cands {
+            if c.is_finite() && c != 0.0 {
+                let e = err_of(c);
+                if e < best.0 {
+                    best = (e, c);
+                }
+            }
+        }
+    }
+    best.1
+}
+
+/// Affine scale search for codes in `0..=nmax`: returns `(a, b)` for `y = a * q + b`, with
+/// `a >= 0`, and `b <= 0` when `offset_le_zero` (the K-quants store `-dmin * m`, `m >= 0`).
+///
+/// The range is `[lo, hi]` with `lo = min x` (and `min(lo, 0)` when `offset_le_zero`),
+/// `hi = max x`; candidates: the full-range step `(hi - lo) / nmax` with `b = lo`, and for
+/// steps `(hi - lo) / (nmax + t / 10)`, `t` in `-10..=10`, the codes
+/// `q = clamp(round((x - lo) / step))` with the weighted least-squares `(a, b)` for those
+/// codes (`b` clamped to 0 with the matching `a` when `offset_le_zero`). Least
+/// `sum w (x - a q - b)^2` wins (first on ties).
+pub fn fit_affine(x: &[f32], w: Option<&[f32]>, nmax: u32, offset_le_zero: bool) -> (f32, f32) {
+    let mut lo = x.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if offset_le_zero {
+        lo = lo.min(0.0);
+    }
+    if hi <= lo || !(hi - lo).is_finite() {
+        return (0.0, lo);
+    }
+    let nm = nmax as f32;
+    let err_of = |a: f32, b: f32| -> f64 {
+        x.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let q = if a > 0.0 {
+                    ((v - b) / a).round().clamp(0.0, nm)
+                } else {
+                    0.0
+                };
+                wt(w, i) * ((v - (a * q + b)) as f64).powi(2)
+            })
+            .sum()
+    };
+    let a0 = (hi - lo) / nm;
+    let mut best = (err_of(a0, lo), a0, lo);
+    for t in -10..=10 {
+        let step = (hi - lo) / (nm + t as f32 * 0.1);
+        if !(step > 0.0 && step.is_finite()) {
+            continue;
+        }
+        let (mut sw, mut sq, mut sqq, mut sx, mut sxq) = (0.0f64, 0.0, 0.0, 0.0, 0.0);
+        for (i, &v) in x.iter().enumerate() {
+            let q = ((v - lo) / step).round().clamp(0.0, nm) as f64;
+            let wi = wt(w, i);
+            sw += wi;
+            sq += wi * q;
+            sqq += wi * q * q;
+            sx += wi * v as f64;
+            sxq += wi * v as f64 * q;
+        }
+        let det = sw * sqq - sq * sq;
+        if det <= 0.0 {
+            continue;
+        }
+        let mut a = (sw * sxq - sq * sx) / det;
+        let mut b = (sqq * sx - sq * sxq) / det;
+        if offset_le_zero && b > 0.0 {
+            b = 0.0;
+            a = sxq / sqq;
+        }
+        let (a, b) = (a as f32, b as f32);
+        if !(a > 0.0 && a.is_finite() && b.is_finite()) {
+            continue;
+        }
+        let e = err_of(a, b);
+        if e < best.0 {
+            best = (e, a, b);
+        }
+    }
+    (best.1, best.2)
+}
+
+/// The better of two blocks under `sum w (x - y)^2` (the first on ties).
+fn better_of<B: GgufBlock>(x: &[f32], w: Option<&[f32]>, a: B, b: B) -> B {
+    let mut ya = [0.0f32; QK_K];
+    let mut yb = [0.0f32; QK_K];
+    a.dequantize_block(&mut ya[..B::QK]);
+    b.dequantize_block(&mut yb[..B::QK]);
+    if weighted_error(x, &yb[..B::QK], w) < weighted_error(x, &ya[..B::QK], w) {
+        b
+    } else {
+        a
+    }
+}
+
+/// Signed value of largest `|x|` (first on ties), and that `|x|`.
+fn signed_absmax(x: &[f32]) -> (f32, f32) {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let mut min = f32::MAX;
+    let mut max = -f32::MAX;
+    for &v in x {
+        min = min.min(v);
+        max = max.max(v);
+    }
+    (min, max)
+}
+
+/// Round to nearest and clamp, for re-rounding under stored parameters (`0` when `d == 0`).
+#[inline]
+fn nearest(v: f32, d: f32, lo: f32, hi: f32) -> i32 {
+    if d == 0.0 {
+        0.0f32.clamp(lo, hi) as i32
+    } else {
+        (v / d).round().clamp(lo, hi) as i32
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Legacy types
+
+/// Pack 32 codes (each < 16) as ggml's legacy nibbles: `q[j] | q[j + 16] << 4`.
+fn nibbles(q: &[u8; 32]) -> [u8; 16] {
+    std::array::from_fn(|j| (q[j] & 0xF) | ((q[j + 16] & 0xF) << 4))
+}
+
+fn unnibble(qs: &[u8; 16], j: usize) -> u8 {
+    if j < 16 {
+        qs[j] & 0xF
+    } else {
+        qs[j - 16] >> 4
+    }
+}
+
+fn fifth_bits(q: &[u8; 32]) -> [u8; 4] {
+    let h = q
+        .iter()
+        .enumerate()
+        .fold(0u32, |h, (j, &v)| h | (((v as u32 >> 4) & 1) << j));
+    h.to_le_bytes()
+}
+
+fn q4_0_ref(x: &[f32], nhalf: f32, qmax: u8) -> (f16, [u8; 32]) {
+    let (max, _) = signed_absmax(x);
+    let d = max / -nhalf;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = std::array::from_fn(|j| ((x[j] * id + (nhalf + 0.5)) as i8).clamp(0, qmax as i8) as u8);
+    (f16::from_f32(d), q)
+}
+
+fn q4_1_ref(x: &[f32], qmax: u8) -> (f16, f16, [u8; 32]) {
+    let (min, max) = min_max(x);
+    let d = (max - min) / qmax as f32;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = std::array::from_fn(|j| (((x[j] - min) * id + 0.5) as i8).clamp(0, qmax as i8) as u8);
+    (f16::from_f32(d), f16::from_f32(min), q)
+}
+
+/// Symmetric legacy search: stored f16 scale and re-rounded codes (`q + nhalf`).
+fn sym_weighted(x: &[f32], w: &[f32], nhalf: i32) -> (f16, [u8; 32]) {
+    let d = f16::from_f32(fit_symmetric(x, Some(w), -nhalf, nhalf - 1));
+    let df = d.to_f32();
+    let q = std::array::from_fn(|j| {
+        (nearest(x[j], df, -nhalf as f32, (nhalf - 1) as f32) + nhalf) as u8
+    });
+    (d, q)
+}
+
+fn affine_weighted(x: &[f32], w: &[f32], qmax: u32) -> (f16, f16, [u8; 32]) {
+    let (a, b) = fit_affine(x, Some(w), qmax, false);
+    let (d, m) = (f16::from_f32(a), f16::from_f32(b));
+    let (df, mf) = (d.to_f32(), m.to_f32());
+    let q = std::array::from_fn(|j| nearest(x[j] - mf, df, 0.0, qmax as f32) as u8);
+    (d, m, q)
+}
+
+impl GgufBlock for BlockQ4_0 {
+    const QK: usize = 32;
+    const TYPE_ID: u32 = 2;
+    const TYPE_SIZE: usize = 18;
+    const NAME: &'static str = "Q4_0";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        qs: [0; 16],
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let (d, q) = q4_0_ref(x, 8.0, 15);
+        let r = Self { d, qs: nibbles(&q) };
+        match w {
+            None => r,
+            Some(w) => {
+                let (d, q) = sym_weighted(x, w, 8);
+                better_of(x, Some(w), r, Self { d, qs: nibbles(&q) })
+            }
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let d = self.d.to_f32();
+        for (j, v) in y.iter_mut().enumerate() {
+            *v = (unnibble(&self.qs, j) as i32 - 8) as f32 * d;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.f16(self.d);
+        o.bytes(&self.qs);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            d: r.f16(),
+            qs: r.array(),
+        }
+    }
+}
+
+impl GgufBlock for BlockQ4_1 {
+    const QK: usize = 32;
+    const TYPE_ID: u32 = 3;
+    const TYPE_SIZE: usize = 20;
+    const NAME: &'static str = "Q4_1";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        m: f16::ZERO,
+        qs: [0; 16],
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let (d, m, q) = q4_1_ref(x, 15);
+        let r = Self {
+            d,
+            m,
+            qs: nibbles(&q),
+        };
+        match w {
+            None => r,
+            Some(w) => {
+                let (d, m, q) = affine_weighted(x, w, 15);
+                let c = Self {
+                    d,
+                    m,
+                    qs: nibbles(&q),
+                };
+                better_of(x, Some(w), r, c)
+            }
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let (d, m) = (self.d.to_f32(), self.m.to_f32());
+        for (j, v) in y.iter_mut().enumerate() {
+            *v = unnibble(&self.qs, j) as f32 * d + m;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.f16(self.d);
+        o.f16(self.m);
+        o.bytes(&self.qs);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            d: r.f16(),
+            m: r.f16(),
+            qs: r.array(),
+        }
+    }
+}
+
+fn q5_code(qh: &[u8; 4], qs: &[u8; 16], j: usize) -> u8 {
+    let h = u32::from_le_bytes(*qh);
+    unnibble(qs, j) | ((((h >> j) & 1) as u8) << 4)
+}
+
+impl GgufBlock for BlockQ5_0 {
+    const QK: usize = 32;
+    const TYPE_ID: u32 = 6;
+    const TYPE_SIZE: usize = 22;
+    const NAME: &'static str = "Q5_0";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        qh: [0; 4],
+        qs: [0; 16],
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let make = |(d, q): (f16, [u8; 32])| Self {
+            d,
+            qh: fifth_bits(&q),
+            qs: nibbles(&q),
+        };
+        let r = make(q4_0_ref(x, 16.0, 31));
+        match w {
+            None => r,
+            Some(w) => better_of(x, Some(w), r, make(sym_weighted(x, w, 16))),
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let d = self.d.to_f32();
+        for (j, v) in y.iter_mut().enumerate() {
+            *v = (q5_code(&self.qh, &self.qs, j) as i32 - 16) as f32 * d;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.f16(self.d);
+        o.bytes(&self.qh);
+        o.bytes(&self.qs);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            d: r.f16(),
+            qh: r.array(),
+            qs: r.array(),
+        }
+    }
+}
+
+impl GgufBlock for BlockQ5_1 {
+    const QK: usize = 32;
+    const TYPE_ID: u32 = 7;
+    const TYPE_SIZE: usize = 24;
+    const NAME: &'static str = "Q5_1";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        m: f16::ZERO,
+        qh: [0; 4],
+        qs: [0; 16],
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let make = |(d, m, q): (f16, f16, [u8; 32])| Self {
+            d,
+            m,
+            qh: fifth_bits(&q),
+            qs: nibbles(&q),
+        };
+        let r = make(q4_1_ref(x, 31));
+        match w {
+            None => r,
+            Some(w) => better_of(x, Some(w), r, make(affine_weighted(x, w, 31))),
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let (d, m) = (self.d.to_f32(), self.m.to_f32());
+        for (j, v) in y.iter_mut().enumerate() {
+            *v = q5_code(&self.qh, &self.qs, j) as f32 * d + m;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.f16(self.d);
+        o.f16(self.m);
+        o.bytes(&self.qh);
+        o.bytes(&self.qs);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            d: r.f16(),
+            m: r.f16(),
+            qh: r.array(),
+            qs: r.array(),
+        }
+    }
+}
+
+impl GgufBlock for BlockQ8_0 {
+    const QK: usize = 32;
+    const TYPE_ID: u32 = 8;
+    const TYPE_SIZE: usize = 34;
+    const NAME: &'static str = "Q8_0";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        qs: [0; 32],
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let (_, amax) = signed_absmax(x);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let r = Self {
+            d: f16::from_f32(d),
+            qs: std::array::from_fn(|j| (x[j] * id).round() as i8),
+        };
+        match w {
+            None => r,
+            Some(w) => {
+                let d = f16::from_f32(fit_symmetric(x, Some(w), -127, 127));
+                let df = d.to_f32();
+                let c = Self {
+                    d,
+                    qs: std::array::from_fn(|j| nearest(x[j], df, -127.0, 127.0) as i8),
+                };
+                better_of(x, Some(w), r, c)
+            }
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let d = self.d.to_f32();
+        for (v, &q) in y.iter_mut().zip(&self.qs) {
+            *v = q as f32 * d;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.f16(self.d);
+        o.i8s(&self.qs);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            d: r.f16(),
+            qs: r.i8_array(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// K-quants
+
+/// Affine super-block: per sub-block `(scale, min)` with `y = scale * q - min`, quantized to
+/// `levels`-level unsigned integers against f16 `d = max scale / (levels - 1)` and
+/// `dmin = max min / (levels - 1)`. Returns `(d, dmin, sc, m)`.
+fn affine_superblock<const S: usize>(
+    x: &[f32],
+    w: Option<&[f32]>,
+    nmax: u32,
+    levels: u32,
+) -> (f16, f16, [u8; S], [u8; S]) {
+    let sub = QK_K / S;
+    let mut scale = [0.0f32; S];
+    let mut min = [0.0f32; S];
+    for s in 0..S {
+        let r = s * sub..(s + 1) * sub;
+        let (a, b) = fit_affine(&x[r.clone()], w.map(|w| &w[r]), nmax, true);
+        scale[s] = a;
+        min[s] = -b;
+    }
+    let top = (levels - 1) as f32;
+    let d = f16::from_f32(scale.iter().copied().fold(0.0, f32::max) / top);
+    let dmin = f16::from_f32(min.iter().copied().fold(0.0, f32::max) / top);
+    let (df, dmf) = (d.to_f32(), dmin.to_f32());
+    let sc = std::array::from_fn(|s| nearest(scale[s], df, 0.0, top) as u8);
+    let m = std::array::from_fn(|s| nearest(min[s], dmf, 0.0, top) as u8);
+    (d, dmin, sc, m)
+}
+
+/// Codes of an affine super-block re-rounded under the stored parameters.
+fn affine_codes(x: &[f32], d: f16, dmin: f16, sc: &[u8], m: &[u8], nmax: u32) -> [u8; QK_K] {
+    let sub = QK_K / sc.len();
+    let (df, dmf) = (d.to_f32(), dmin.to_f32());
+    std::array::from_fn(|e| {
+        let s = e / sub;
+        let (a, b) = (df * sc[s] as f32, dmf * m[s] as f32);
+        nearest(x[e] + b, a, 0.0, nmax as f32) as u8
+    })
+}
+
+/// Symmetric super-block: per sub-block signed scales quantized to `-top..=top`-ish signed
+/// integers (clamped to `lo..=hi`) against f16 `d = max |scale| / top`; codes re-rounded to
+/// `nlo..=nhi`. Returns `(d, sc, q)`.
+fn symmetric_superblock<const S: usize>(
+    x: &[f32],
+    w: Option<&[f32]>,
+    (nlo, nhi): (i32, i32),
+    top: f32,
+    (lo, hi): (f32, f32),
+) -> (f16, [i8; S], [i8; QK_K]) {
+    let sub = QK_K / S;
+    let scale: [f32; S] = std::array::from_fn(|s| {
+        let r = s * sub..(s + 1) * sub;
+        fit_symmetric(&x[r.clone()], w.map(|w| &w[r]), nlo, nhi)
+    });
+    let d = f16::from_f32(scale.iter().fold(0.0f32, |a, v| a.max(v.abs())) / top);
+    let df = d.to_f32();
+    let sc: [i8; S] = std::array::from_fn(|s| nearest(scale[s], df, lo, hi) as i8);
+    let q = std::array::from_fn(|e| {
+        let a = df * sc[e / sub] as f32;
+        nearest(x[e], a, nlo as f32, nhi as f32) as i8
+    });
+    (d, sc, q)
+}
+
+/// Pack 8 six-bit scales and mins into ggml's 12-byte `scales` of Q4_K / Q5_K.
+fn pack_scale_min_k4(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    for j in 0..4 {
+        out[j] = sc[j] & 63;
+        out[j + 4] = m[j] & 63;
+    }
+    for j in 4..8 {
+        out[j + 4] = (sc[j] & 0xF) | ((m[j] & 0xF) << 4);
+        out[j - 4] |= (sc[j] >> 4) << 6;
+        out[j] |= (m[j] >> 4) << 6;
+    }
+    out
+}
+
+/// The 6-bit scale and min of sub-block `j` of Q4_K / Q5_K.
+pub fn scale_min_k4(scales: &[u8; 12], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        (
+            (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+        )
+    }
+}
+
+impl GgufBlock for BlockQ2_K {
+    const QK: usize = QK_K;
+    const TYPE_ID: u32 = 10;
+    const TYPE_SIZE: usize = 84;
+    const NAME: &'static str = "Q2_K";
+    const ZERO: Self = Self {
+        scales: [0; 16],
+        qs: [0; 64],
+        d: f16::ZERO,
+        dmin: f16::ZERO,
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let (d, dmin, sc, m) = affine_superblock::<16>(x, w, 3, 16);
+        let q = affine_codes(x, d, dmin, &sc, &m, 3);
+        let mut qs = [0u8; 64];
+        for (e, &v) in q.iter().enumerate() {
+            let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+            qs[32 * h + l] |= v << (2 * j);
+        }
+        Self {
+            scales: std::array::from_fn(|s| sc[s] | (m[s] << 4)),
+            qs,
+            d,
+            dmin,
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        for (e, v) in y.iter_mut().enumerate() {
+            let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+            let q = (self.qs[32 * h + l] >> (2 * j)) & 3;
+            let s = self.scales[e / 16];
+            let dl = d * (s & 0xF) as f32;
+            let ml = dmin * (s >> 4) as f32;
+            *v = dl * q as f32 - ml;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.bytes(&self.scales);
+        o.bytes(&self.qs);
+        o.f16(self.d);
+        o.f16(self.dmin);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            scales: r.array(),
+            qs: r.array(),
+            d: r.f16(),
+            dmin: r.f16(),
+        }
+    }
+}
+
+/// The signed 6-bit scale (stored value minus 32) of sub-block `s` of Q3_K.
+pub fn scale_q3_k(scales: &[u8; 12], s: usize) -> i8 {
+    let lo = if s < 8 {
+        scales[s] & 0xF
+    } else {
+        scales[s - 8] >> 4
+    };
+    let hi = (scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+    (lo | (hi << 4)) as i8 - 32
+}
+
+impl GgufBlock for BlockQ3_K {
+    const QK: usize = QK_K;
+    const TYPE_ID: u32 = 11;
+    const TYPE_SIZE: usize = 110;
+    const NAME: &'static str = "Q3_K";
+    const ZERO: Self = Self {
+        hmask: [0; 32],
+        qs: [0; 64],
+        scales: [0; 12],
+        d: f16::ZERO,
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let (d, sc, q) = symmetric_superblock::<16>(x, w, (-4, 3), 31.0, (-32.0, 31.0));
+        let mut scales = [0u8; 12];
+        for (s, &v) in sc.iter().enumerate() {
+            let u = (v as i32 + 32) as u8;
+            if s < 8 {
+                scales[s] |= u & 0xF;
+            } else {
+                scales[s - 8] |= (u & 0xF) << 4;
+            }
+            scales[8 + s % 4] |= (u >> 4) << (2 * (s / 4));
+        }
+        let (mut hmask, mut qs) = ([0u8; 32], [0u8; 64]);
+        for (e, &v) in q.iter().enumerate() {
+            let u = (v as i32 + 4) as u8;
+            let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+            qs[32 * h + l] |= (u & 3) << (2 * j);
+            hmask[e % 32] |= (u >> 2) << (e / 32);
+        }
+        Self {
+            hmask,
+            qs,
+            scales,
+            d,
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let d = self.d.to_f32();
+        for (e, v) in y.iter_mut().enumerate() {
+            let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+            let low = ((self.qs[32 * h + l] >> (2 * j)) & 3) as i32;
+            let high = (self.hmask[e % 32] >> (e / 32)) & 1;
+            let q = low - if high == 1 { 0 } else { 4 };
+            let dl = d * scale_q3_k(&self.scales, e / 16) as f32;
+            *v = dl * q as f32;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.bytes(&self.hmask);
+        o.bytes(&self.qs);
+        o.bytes(&self.scales);
+        o.f16(self.d);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            hmask: r.array(),
+            qs: r.array(),
+            scales: r.array(),
+            d: r.f16(),
+        }
+    }
+}
+
+impl GgufBlock for BlockQ4_K {
+    const QK: usize = QK_K;
+    const TYPE_ID: u32 = 12;
+    const TYPE_SIZE: usize = 144;
+    const NAME: &'static str = "Q4_K";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        dmin: f16::ZERO,
+        scales: [0; 12],
+        qs: [0; 128],
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let (d, dmin, sc, m) = affine_superblock::<8>(x, w, 15, 64);
+        let q = affine_codes(x, d, dmin, &sc, &m, 15);
+        let mut qs = [0u8; 128];
+        for (e, &v) in q.iter().enumerate() {
+            let s = e / 32;
+            qs[32 * (s / 2) + e % 32] |= v << (4 * (s % 2));
+        }
+        let b = Self {
+            d,
+            dmin,
+            scales: pack_scale_min_k4(&sc, &m),
+            qs,
+        };
+        match w {
+            // The unweighted search may still win under the weighted objective.
+            Some(_) => better_of(x, w, b, Self::quantize_block(x, None)),
+            None => b,
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        for (e, v) in y.iter_mut().enumerate() {
+            let s = e / 32;
+            let q = (self.qs[32 * (s / 2) + e % 32] >> (4 * (s % 2))) & 0xF;
+            let (sc, m) = scale_min_k4(&self.scales, s);
+            let (d1, m1) = (d * sc as f32, dmin * m as f32);
+            *v = d1 * q as f32 - m1;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.f16(self.d);
+        o.f16(self.dmin);
+        o.bytes(&self.scales);
+        o.bytes(&self.qs);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            d: r.f16(),
+            dmin: r.f16(),
+            scales: r.array(),
+            qs: r.array(),
+        }
+    }
+}
+
+impl GgufBlock for BlockQ5_K {
+    const QK: usize = QK_K;
+    const TYPE_ID: u32 = 13;
+    const TYPE_SIZE: usize = 176;
+    const NAME: &'static str = "Q5_K";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        dmin: f16::ZERO,
+        scales: [0; 12],
+        qh: [0; 32],
+        qs: [0; 128],
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let (d, dmin, sc, m) = affine_superblock::<8>(x, w, 31, 64);
+        let q = affine_codes(x, d, dmin, &sc, &m, 31);
+        let (mut qh, mut qs) = ([0u8; 32], [0u8; 128]);
+        for (e, &v) in q.iter().enumerate() {
+            let s = e / 32;
+            qs[32 * (s / 2) + e % 32] |= (v & 0xF) << (4 * (s % 2));
+            qh[e % 32] |= (v >> 4) << s;
+        }
+        Self {
+            d,
+            dmin,
+            scales: pack_scale_min_k4(&sc, &m),
+            qh,
+            qs,
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        for (e, v) in y.iter_mut().enumerate() {
+            let s = e / 32;
+            let low = (self.qs[32 * (s / 2) + e % 32] >> (4 * (s % 2))) & 0xF;
+            let q = low | (((self.qh[e % 32] >> s) & 1) << 4);
+            let (sc, m) = scale_min_k4(&self.scales, s);
+            let (d1, m1) = (d * sc as f32, dmin * m as f32);
+            *v = d1 * q as f32 - m1;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.f16(self.d);
+        o.f16(self.dmin);
+        o.bytes(&self.scales);
+        o.bytes(&self.qh);
+        o.bytes(&self.qs);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            d: r.f16(),
+            dmin: r.f16(),
+            scales: r.array(),
+            qh: r.array(),
+            qs: r.array(),
+        }
+    }
+}
+
+impl GgufBlock for BlockQ6_K {
+    const QK: usize = QK_K;
+    const TYPE_ID: u32 = 14;
+    const TYPE_SIZE: usize = 210;
+    const NAME: &'static str = "Q6_K";
+    const ZERO: Self = Self {
+        ql: [0; 128],
+        qh: [0; 64],
+        scales: [0; 16],
+        d: f16::ZERO,
+    };
+
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let (d, scales, q) = symmetric_superblock::<16>(x, w, (-32, 31), 127.0, (-128.0, 127.0));
+        let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
+        for (e, &v) in q.iter().enumerate() {
+            let u = (v as i32 + 32) as u8;
+            let (h, r) = (e / 128, e % 128);
+            ql[64 * h + r % 64] |= (u & 0xF) << (4 * (r / 64));
+            qh[32 * h + r % 32] |= (u >> 4) << (2 * (r / 32));
+        }
+        Self { ql, qh, scales, d }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let d = self.d.to_f32();
+        for (e, v) in y.iter_mut().enumerate() {
+            let (h, r) = (e / 128, e % 128);
+            let low = (self.ql[64 * h + r % 64] >> (4 * (r / 64))) & 0xF;
+            let high = (self.qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
+            let q = (low | (high << 4)) as i32 - 32;
+            let dl = d * self.scales[e / 16] as f32;
+            *v = dl * q as f32;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.bytes(&self.ql);
+        o.bytes(&self.qh);
+        o.i8s(&self.scales);
+        o.f16(self.d);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            ql: r.array(),
+            qh: r.array(),
+            scales: r.i8_array(),
+            d: r.f16(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Run-time selection
+
+/// A ggml block type chosen at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    /// ggml `Q4_0`, type id 2 ([`BlockQ4_0`]).
+    Q4_0,
+    /// ggml `Q4_1`, type id 3 ([`BlockQ4_1`]).
+    Q4_1,
+    /// ggml `Q5_0`, type id 6 ([`BlockQ5_0`]).
+    Q5_0,
+    /// ggml `Q5_1`, type id 7 ([`BlockQ5_1`]).
+    Q5_1,
+    /// ggml `Q8_0`, type id 8 ([`BlockQ8_0`]).
+    Q8_0,
+    /// ggml `Q2_K`, type id 10 ([`BlockQ2_K`]).
+    Q2_K,
+    /// ggml `Q3_K`, type id 11 ([`BlockQ3_K`]).
+    Q3_K,
+    /// ggml `Q4_K`, type id 12 ([`BlockQ4_K`]).
+    Q4_K,
+    /// ggml `Q5_K`, type id 13 ([`BlockQ5_K`]).
+    Q5_K,
+    /// ggml `Q6_K`, type id 14 ([`BlockQ6_K`]).
+    Q6_K,
+}
+
+macro_rules! dispatch {
+    ($ty:expr, $B:ident => $body:expr) => {
+        match $ty {
+            GgmlType::Q4_0 => {
+                type $B = BlockQ4_0;
+                $body
+            }
+            GgmlType::Q4_1 => {
+                type $B = BlockQ4_1;
+                $body
+            }
+            GgmlType::Q5_0 => {
+                type $B = BlockQ5_0;
+                $body
+            }
+            GgmlType::Q5_1 => {
+                type $B = BlockQ5_1;
+                $body
+            }
+            GgmlType::Q8_0 => {
+                type $B = BlockQ8_0;
+                $body
+            }
+            GgmlType::Q2_K => {
+                type $B = BlockQ2_K;
+                $body
+            }
+            GgmlType::Q3_K => {
+                type $B = BlockQ3_K;
+                $body
+            }
+            GgmlType::Q4_K => {
+                type $B = BlockQ4_K;
+                $body
+            }
+            GgmlType::Q5_K => {
+                type $B = BlockQ5_K;
+                $body
+            }
+            GgmlType::Q6_K => {
+                type $B = BlockQ6_K;
+                $body
+            }
+        }
+    };
+}
+
+impl GgmlType {
+    /// Every type, in type-id order.
+    pub const ALL: [GgmlType; 10] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
+    /// The GGUF type id.
+    pub fn type_id(self) -> u32 {
+        dispatch!(self, B => B::TYPE_ID)
+    }
+    /// Weights per block.
+    pub fn block_size(self) -> usize {
+        dispatch!(self, B => B::QK)
+    }
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        dispatch!(self, B => B::TYPE_SIZE)
+    }
+    /// The ggml name.
+    pub fn name(self) -> &'static str {
+        dispatch!(self, B => B::NAME)
+    }
+    /// Bits per weight, scales included.
+    pub fn bits_per_weight(self) -> f64 {
+        8.0 * self.type_size() as f64 / self.block_size() as f64
+    }
+    /// The type of a GGUF type id, if it is one of these.
+    pub fn from_type_id(id: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.type_id() == id)
+    }
+}
+
+/// Quantize `x` (a whole number of blocks, e.g. rows of a tensor named `name`) to `ty`'s
+/// on-disk bytes; with `importance`, the importance-weighted search.
+///
+/// Errors name the tensor: a length that is not a multiple of the block size, a non-finite
+/// value, importance of the wrong length or with a negative or non-finite entry.
+///
+/// ```
+/// use quantlab_checkpoints::pack::gguf_blocks::{dequantize, quantize, GgmlType};
+/// let x: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+/// let bytes = quantize("blk.0.ffn_up.weight", GgmlType::Q6_K, &x, None).unwrap();
+/// assert_eq!(bytes.len(), 210);
+/// let y = dequantize("blk.0.ffn_up.weight", GgmlType::Q6_K, &bytes).unwrap();
+/// assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 0.03));
+/// ```
+pub fn quantize(
+    name: &str,
+    ty: GgmlType,
+    x: &[f32],
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>> {
+    let label = format!("GGUF {}", ty.name());
+    if x.len() % ty.block_size() != 0 {
+        return Err(pack_err(
+            &label,
+            name,
+            format!(
+                "{} values are not a whole number of {}-weight blocks (rows must be multiples of {})",
+                x.len(),
+                ty.block_size(),
+                ty.block_size()
+            ),
+        ));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(pack_err(
+            &label,
+            name,
+            format!("non-finite value {} at flat index {i}", x[i]),
+        ));
+    }
+    if let Some(w) = importance {
+        if w.len() != x.len() {
+            return Err(pack_err(
+                &label,
+                name,
+                format!("{} importance weights for {} values", w.len(), x.len()),
+            ));
+        }
+        if let Some(i) = w.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
+            return Err(pack_err(
+                &label,
+                name,
+                format!(
+                    "importance weight {} at flat index {i} is not finite and >= 0",
+                    w[i]
+                ),
+            ));
+        }
+    }
+    Ok(dispatch!(ty, B => {
+        let mut blocks = vec![B::ZERO; x.len() / B::QK];
+        match importance {
+            None => B::quantize_ref(x, &mut blocks),
+            Some(w) => B::quantize_weighted(x, w, &mut blocks),
+        }
+        to_bytes(&blocks)
+    }))
+}
+
+/// Dequantize `ty`'s on-disk bytes; `name` (the tensor) appears in the error when the
+/// length is not a whole number of blocks.
+pub fn dequantize(name: &str, ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
+    dispatch!(ty, B => {
+        let blocks = from_bytes::<B>(name, bytes)?;
+        let mut y = vec![0.0f32; blocks.len() * B::QK];
+        B::dequantize(&blocks, &mut y);
+        Ok(y)
+    })
+}
