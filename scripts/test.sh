@@ -22,6 +22,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace"
 cargo test --workspace 2>&1 | tee "$logs/cargo-test.log"
 
+# The CUDA kernels compile to PTX through NVRTC with no GPU (pip's nvidia-cuda-nvrtc-cu12,
+# installed by .ci/run); without libnvrtc the test prints a SKIP line.
+step "cargo clippy + test -p quantlab-cuda --features cuda"
+cargo clippy -p quantlab-cuda --features cuda --all-targets -- -D warnings
+cargo test -p quantlab-cuda --features cuda 2>&1 | tee -a "$logs/cargo-test.log"
+
 nb_summary="notebooks: skipped (QUANTLAB_SKIP_NOTEBOOKS=1)"
 if [[ "${QUANTLAB_SKIP_NOTEBOOKS:-0}" != 1 ]]; then
     step "scripts/notebooks.sh"
