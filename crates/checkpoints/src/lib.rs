@@ -7,8 +7,11 @@
 //!   type table), robust against hostile files.
 //! - [`safetensors_header`]: a bounded safetensors header reader.
 //! - [`inspect()`]: what a file holds, with the format detected from its magic bytes.
+//! - [`export`]: whole-checkpoint writers (GGUF v3; GPTQ / AWQ / bitsandbytes Hugging Face
+//!   directories) and the reader of quantized Hugging Face directories.
 
 mod error;
+pub mod export;
 pub mod gguf;
 pub mod inspect;
 pub mod pack;

@@ -4,6 +4,7 @@ use crate::codebook::Codebook;
 use crate::double_quant::{DoubleQuant, NestedScales};
 use crate::format::{Format, Granularity, GroupParams};
 use crate::fp8::{Fp8Format, Fp8Kind};
+use crate::ggml::GgmlGrid;
 use crate::int8::Int8Absmax;
 use crate::uniform::UniformGrid;
 use crate::{GridError, Result};
@@ -27,6 +28,9 @@ pub enum FormatSpec {
     Fp8(Fp8Kind),
     /// LLM.int8() absmax int8, `SCB` per row with `Granularity::PerChannel` ([`Int8Absmax`]).
     Int8,
+    /// A ggml legacy block format (Q4_0 .. Q8_0) with `Granularity::Group(32)`: each group
+    /// is one ggml block, its parameters the block's f16 `d` (and `m`) ([`GgmlGrid`]).
+    Ggml(GgmlGrid),
 }
 
 impl FormatSpec {
@@ -45,6 +49,7 @@ impl FormatSpec {
             FormatSpec::Fp4 => Box::new(Codebook::fp4()),
             FormatSpec::Fp8(kind) => Box::new(Fp8Format { kind: *kind }),
             FormatSpec::Int8 => Box::new(Int8Absmax),
+            FormatSpec::Ggml(g) => Box::new(*g),
         }
     }
 

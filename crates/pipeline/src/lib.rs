@@ -2,6 +2,68 @@
 //!
 //! The sequential layer-wise driver (calibration -> capture -> solve -> replace -> re-run)
 //! joining models, solvers and checkpoint formats.
+//!
+//! * [`config`]: methods (`rtn`, `gptq`, `awq`, `awq+gptq`, `nf4`, `fp4`, `int8`, `fp8`),
+//!   their options, skips and per-module overrides, resolved into a [`Plan`] before any work;
+//! * [`calib`]: calibration windows drawn from a text with a seed;
+//! * [`driver`]: the block-by-block driver ([`quantize_model`]) on a loaded
+//!   [`quantlab_models::LlamaModel`];
+//! * [`save`]: the project's checkpoint (a Hugging Face directory + the codes), written
+//!   atomically, and its reader;
+//! * [`job`]: `quantlab quantize` as one call ([`job::run`]), with `--dry-run` ([`job::dry_run`]);
+//! * [`report`]: per-layer and total figures.
+//!
+//! From a notebook, with the model already loaded:
+//!
+//! ```no_run
+//! use quantlab_pipeline::{calib, driver, source::SourceModel, Method, QuantizeConfig};
+//! # fn main() -> quantlab_pipeline::Result<()> {
+//! let mut src = SourceModel::load("SmolLM2-135M-Instruct.Q4_1.gguf".as_ref())?;
+//! let cfg = QuantizeConfig { method: Method::Gptq, bits: Some(4), nsamples: 32, ..Default::default() };
+//! let plan = cfg.plan(src.model.config())?;
+//! let texts = calib::Calibration::Texts(vec!["Some prose to calibrate on ...".into()]);
+//! let windows = calib::calibration_windows(&src.tokenizer, &texts, cfg.nsamples, cfg.seqlen, cfg.seed)?;
+//! let out = driver::quantize_model(&mut src.model, &windows, &plan, &cfg, Default::default())?;
+//! println!("{:.3e}", out.reports[0].rel_output_error);
+//! # Ok(()) }
+//! ```
 
+pub mod calib;
+pub mod config;
+pub mod driver;
 mod error;
+pub mod job;
+pub mod layer;
+pub mod report;
+pub mod save;
+pub mod source;
+
+pub use calib::Calibration;
+pub use config::{LayerPlan, Method, Override, Plan, QuantizeConfig};
+pub use driver::{quantize_model, Control, DriverOutput, LayerReport, QuantizedLayer, Timings};
 pub use error::{PipelineError, Result};
+pub use job::{dry_run, prepare, run, DryRun, EvalSpec, QuantizeJob};
+pub use report::QuantizeReport;
+pub use save::{load_quantized, save_quantized, QuantizedCheckpoint};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        // a second Ctrl-C: give up at once
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// Installs a Ctrl-C (SIGINT) handler that sets the returned flag; pass it to [`job::run`],
+/// which stops at the next layer boundary and writes nothing. A second Ctrl-C exits at once.
+pub fn install_interrupt_handler() -> &'static AtomicBool {
+    // SAFETY: the handler only touches an atomic and calls the async-signal-safe _exit.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+    &INTERRUPTED
+}

@@ -1,0 +1,223 @@
+//! `quantlab quantize`: quantize every linear of a LLaMA-style model's blocks and write the
+//! project's checkpoint (docs/quantize.md).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use quantlab::pipeline::{
+    self, Calibration, EvalSpec, Method, Override, QuantizeConfig, QuantizeJob,
+};
+
+/// The methods.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum MethodArg {
+    /// Round to nearest on an integer grid.
+    Rtn,
+    /// GPTQ, true-sequential.
+    Gptq,
+    /// AWQ scale + clip search, then RTN.
+    Awq,
+    /// AWQ scaling, then GPTQ.
+    #[value(name = "awq+gptq")]
+    AwqGptq,
+    /// NF4 codebook (bitsandbytes), absmax per group of 64.
+    Nf4,
+    /// FP4 codebook (bitsandbytes), absmax per group of 64.
+    Fp4,
+    /// LLM.int8(): absmax int8 per row.
+    Int8,
+    /// FP8 E4M3, one scale per output channel.
+    Fp8,
+}
+
+impl From<MethodArg> for Method {
+    fn from(m: MethodArg) -> Self {
+        match m {
+            MethodArg::Rtn => Method::Rtn,
+            MethodArg::Gptq => Method::Gptq,
+            MethodArg::Awq => Method::Awq,
+            MethodArg::AwqGptq => Method::AwqGptq,
+            MethodArg::Nf4 => Method::Nf4,
+            MethodArg::Fp4 => Method::Fp4,
+            MethodArg::Int8 => Method::Int8,
+            MethodArg::Fp8 => Method::Fp8,
+        }
+    }
+}
+
+/// Arguments of `quantize`.
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Model: a .gguf file, a Hugging Face directory, or `smollm2` for the cached SmolLM2.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// Quantization method.
+    #[arg(long, value_enum)]
+    pub method: MethodArg,
+    /// Bits per weight code (default: 4; 8 for int8 and fp8; nf4/fp4 take only 4).
+    #[arg(long)]
+    pub bits: Option<u32>,
+    /// Input columns per group of parameters; -1 = one group per row (default: 128; 64 for
+    /// nf4/fp4; -1 for int8/fp8).
+    #[arg(long, allow_hyphen_values = true)]
+    pub group_size: Option<i64>,
+    /// GPTQ: quantize columns by descending Hessian diagonal (desc_act).
+    #[arg(long)]
+    pub act_order: bool,
+    /// GPTQ: fit every group's parameters from the original weights (with --act-order).
+    #[arg(long)]
+    pub static_groups: bool,
+    /// GPTQ: damping as a fraction of mean(diag H) (default 0.01).
+    #[arg(long)]
+    pub damp: Option<f64>,
+    /// GPTQ: columns per lazy batch (default 128).
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Symmetric integer grid (the default).
+    #[arg(long, conflicts_with = "asym")]
+    pub sym: bool,
+    /// Asymmetric integer grid (zero point per group).
+    #[arg(long)]
+    pub asym: bool,
+    /// Search each group's range for the least squared error (reference GPTQ `mse`).
+    #[arg(long)]
+    pub mse: bool,
+    /// nf4/fp4: double-quantize the absmax with 8-bit codes (QLoRA).
+    #[arg(long)]
+    pub double_quant: bool,
+    /// int8: the LLM.int8() outlier threshold recorded for run time (default 6.0).
+    #[arg(long)]
+    pub int8_threshold: Option<f32>,
+    /// Leave matching linears in full precision (substring, or glob with * and ?);
+    /// repeatable. Embeddings and lm_head are never quantized.
+    #[arg(long, value_name = "PATTERN")]
+    pub skip: Vec<String>,
+    /// Per-module settings: 'PATTERN:key=value[,key=value]' with keys bits, group_size,
+    /// sym, act_order, damp (e.g. 'down_proj:bits=8'); repeatable, later wins.
+    #[arg(long = "override", value_name = "SPEC")]
+    pub overrides: Vec<String>,
+    /// Calibration text (.txt, .jsonl, .parquet); default: the shipped prose.
+    #[arg(long, value_name = "FILE")]
+    pub calib: Option<PathBuf>,
+    /// Field (jsonl) or column (parquet) of the calibration text.
+    #[arg(long)]
+    pub calib_field: Option<String>,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    pub nsamples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub seqlen: usize,
+    /// Seed of the calibration window draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Calibration windows per forward mini-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// GPTQ: capture each block's inputs once instead of after each group (q,k,v; o;
+    /// gate,up; down) is quantized.
+    #[arg(long)]
+    pub no_true_sequential: bool,
+    /// AWQ: windows used to score the scale candidates on the block output.
+    #[arg(long, default_value_t = 16)]
+    pub awq_samples: usize,
+    /// Output directory (written atomically).
+    #[arg(long, value_name = "DIR", required_unless_present = "dry_run")]
+    pub out: Option<PathBuf>,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Perplexity before and after on this text (.txt, .jsonl, .parquet).
+    #[arg(long, value_name = "FILE")]
+    pub eval: Option<PathBuf>,
+    /// Field (jsonl) or column (parquet) of the eval text.
+    #[arg(long)]
+    pub eval_field: Option<String>,
+    /// Tokens per perplexity window.
+    #[arg(long, default_value_t = 512)]
+    pub eval_ctx: usize,
+    /// Evaluate only the first N windows.
+    #[arg(long, value_name = "N")]
+    pub max_windows: Option<usize>,
+    /// Print one JSON object (bits_per_weight, size_bytes, seconds, timings, layers,
+    /// ppl_before/ppl_after, ...) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Check the options and print the plan (layers, bits, estimated memory and time)
+    /// without loading the weights or writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
+    let overrides = a
+        .overrides
+        .iter()
+        .map(|s| Override::parse(s))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let config = QuantizeConfig {
+        method: a.method.into(),
+        bits: a.bits,
+        group_size: a.group_size,
+        sym: !a.asym,
+        act_order: a.act_order,
+        static_groups: a.static_groups,
+        damp: a.damp,
+        block_size: a.block_size,
+        mse: a.mse,
+        double_quant: a.double_quant,
+        int8_threshold: a.int8_threshold,
+        skip: a.skip.clone(),
+        overrides,
+        nsamples: a.nsamples,
+        seqlen: a.seqlen,
+        seed: a.seed,
+        batch_size: a.batch_size,
+        true_sequential: !a.no_true_sequential,
+        awq_samples: a.awq_samples,
+        awq_fold_only: false,
+    };
+    Ok(QuantizeJob {
+        model: crate::generate::resolve_model(&a.model)?,
+        config,
+        calibration: match &a.calib {
+            Some(p) => Calibration::File {
+                path: p.clone(),
+                field: a.calib_field.clone(),
+            },
+            None => Calibration::Shipped,
+        },
+        out: a.out.clone(),
+        overwrite: a.overwrite,
+        eval: a.eval.as_ref().map(|t| EvalSpec {
+            text: t.clone(),
+            field: a.eval_field.clone(),
+            ctx: a.eval_ctx,
+            max_windows: a.max_windows,
+        }),
+        progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    })
+}
+
+/// Runs the verb.
+pub fn run_quantize(a: QuantizeArgs) -> Result<()> {
+    let job = job_of(&a)?;
+    if a.dry_run {
+        let d = pipeline::dry_run(&job)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&d)?);
+        } else {
+            print!("{}", d.table());
+        }
+        return Ok(());
+    }
+    let cancel = pipeline::install_interrupt_handler();
+    let report = pipeline::run(&job, Some(cancel))?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! ggml's legacy block formats Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 as number formats.
+//!
+//! Each 32-weight block of a row is one group (`Granularity::Group(32)`); its parameters are
+//! the block's f16 scale `d` (and, for the `_1` types, the f16 minimum `m`), so the codes and
+//! [`GroupParams`] of a [`crate::QuantizedLinear`] map one to one onto ggml blocks and a
+//! solver such as GPTQ places every weight on a value the file can hold exactly.
+//!
+//! | type | codes | [`GroupParams`] | decode (ggml's f32 expression) |
+//! |------|-------|-----------------|--------------------------------|
+//! | Q4_0 | 0..=15 | `scale = d`, `zero = 8` | `(q - 8) * d` |
+//! | Q5_0 | 0..=31 | `scale = d`, `zero = 16` | `(q - 16) * d` |
+//! | Q8_0 | i8 as u8 (two's complement) | `scale = d`, `zero = 0` | `q * d` |
+//! | Q4_1 | 0..=15 | `scale = d`, `zero = m` (a VALUE, not code units) | `q * d + m` |
+//! | Q5_1 | 0..=31 | `scale = d`, `zero = m` (a value) | `q * d + m` |
+//!
+//! For the `_1` types the zero field holds the block minimum itself, because ggml adds it
+//! after the product: storing `-m / d` in code units would not reproduce ggml's values bit
+//! for bit.
+//!
+//! # Fit (reference)
+//! As ggml's `quantize_row_*_ref`: Q4_0 / Q5_0 `d = max / -8` (`/ -16`) with `max` the signed
+//! value of largest `|x|` (the first on ties); Q4_1 / Q5_1 `d = (max - min) / 15` (`/ 31`),
+//! `m = min`; Q8_0 `d = amax / 127`. Then `d` and `m` are rounded to f16 (nearest even):
+//! the returned parameters are exactly what the file stores.
+//!
+//! # Encode
+//! ggml's rounding rule on the stored parameters: `q = floor(x / d + 8.5)` (Q4_0; `16.5`
+//! for Q5_0), `floor((x - m) / d + 0.5)` (`_1`), `round(x / d)` half away from zero (Q8_0),
+//! clamped to the codes; then the neighbouring codes are checked so the result is always the
+//! nearest level in f32 (ties keep ggml's choice). ggml's reference multiplies by `1 / d`
+//! computed from the unrounded `d`, so its codes can differ from ours by one step for a
+//! weight within an f16 rounding of a midpoint; ours are the nearest under what is stored.
+//! `d == 0` gives the code of value 0 (`_0`) or of `m` (`_1`).
+//!
+//! # Weighted fit (imatrix)
+//! [`Format::fit_weighted`] with importance `w_i >= 0` minimises
+//! `E(d, m) = sum_i w_i (x_i - decode(encode(x_i)))^2` over candidates, each rounded to f16
+//! before it is scored: the reference parameters; for `t` in `-10..=10` the scaled steps
+//! `d_t = max / -(n (1 + t / 80))` (symmetric, `n` = 8, 16; Q8_0 `amax / (127 (1 + t / 80))`)
+//! or `(max - min) / (qmax (1 + t / 150))` with `m = min` (affine), i.e. steps within about
+//! 12 % (7 %) of the reference; and for the codes of each `d_t` the weighted least-squares
+//! solution (`d = sum w x c / sum w c^2` with `c = q - zero`, or the 2x2 normal equations of
+//! `x ~ d q + m`). The least `E` wins, the reference on ties, so the result is never worse
+//! than the reference under the objective. Without importance (or importance summing to 0)
+//! it is the reference fit: llama.cpp's RTN.
+//!
+//! ```
+//! use quantlab_grids::{Format, GgmlGrid};
+//! let x: Vec<f32> = (0..32).map(|i| (i as f32 - 12.0) * 0.25).collect();
+//! let p = GgmlGrid::Q4_0.fit(&x);
+//! // largest |x| is 4.75 (i = 31): d = 4.75 / -8 = -0.59375 (exact in f16)
+//! assert_eq!((p.scale, p.zero), (-0.59375, 8.0));
+//! // -3.0 / d + 8.5 = 13.55: code 13, value (13 - 8) * d
+//! assert_eq!(GgmlGrid::Q4_0.encode(-3.0, p), 13);
+//! assert!((GgmlGrid::Q4_0.quantize(-3.0, p) - -2.96875).abs() < 1e-7);
+//! ```
+
+use crate::format::{Format, GroupParams};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+/// Weights per ggml legacy block.
+pub const GGML_BLOCK: usize = 32;
+
+/// One of ggml's legacy 32-weight block formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(non_camel_case_types)]
+pub enum GgmlGrid {
+    /// 4-bit symmetric, `(q - 8) * d`.
+    Q4_0,
+    /// 4-bit affine, `q * d + m`.
+    Q4_1,
+    /// 5-bit symmetric, `(q - 16) * d`.
+    Q5_0,
+    /// 5-bit affine, `q * d + m`.
+    Q5_1,
+    /// 8-bit symmetric, `q * d` with `q` an i8.
+    Q8_0,
+}
+
+/// Round to f16 and back (nearest even).
+#[inline]
+fn f16r(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+impl GgmlGrid {
+    /// Every grid.
+    pub const ALL: [GgmlGrid; 5] = [
+        GgmlGrid::Q4_0,
+        GgmlGrid::Q4_1,
+        GgmlGrid::Q5_0,
+        GgmlGrid::Q5_1,
+        GgmlGrid::Q8_0,
+    ];
+
+    /// ggml's name (`"Q4_0"`, ...).
+    pub fn ggml_name(self) -> &'static str {
+        match self {
+            GgmlGrid::Q4_0 => "Q4_0",
+            GgmlGrid::Q4_1 => "Q4_1",
+            GgmlGrid::Q5_0 => "Q5_0",
+            GgmlGrid::Q5_1 => "Q5_1",
+            GgmlGrid::Q8_0 => "Q8_0",
+        }
+    }
+
+    /// Whether the block stores a minimum `m` (`_1` types).
+    pub fn is_affine(self) -> bool {
+        matches!(self, GgmlGrid::Q4_1 | GgmlGrid::Q5_1)
+    }
+
+    /// Bits of a code.
+    pub fn bits(self) -> u32 {
+        match self {
+            GgmlGrid::Q4_0 | GgmlGrid::Q4_1 => 4,
+            GgmlGrid::Q5_0 | GgmlGrid::Q5_1 => 5,
+            GgmlGrid::Q8_0 => 8,
+        }
+    }
+
+    /// Largest code of the unsigned types (15 or 31); 127 for Q8_0.
+    fn qmax(self) -> i32 {
+        match self {
+            GgmlGrid::Q8_0 => 127,
+            g => (1 << g.bits()) - 1,
+        }
+    }
+
+    /// Smallest signed integer value the codes take (Q4_0 -8, Q5_0 -16, Q8_0 -128; 0 for
+    /// the affine types).
+    fn qlo(self) -> i32 {
+        match self {
+            GgmlGrid::Q4_0 => -8,
+            GgmlGrid::Q5_0 => -16,
+            GgmlGrid::Q8_0 => -128,
+            _ => 0,
+        }
+    }
+
+    /// The constant offset of the symmetric types in code units (8, 16, 0).
+    fn offset(self) -> f32 {
+        match self {
+            GgmlGrid::Q4_0 => 8.0,
+            GgmlGrid::Q5_0 => 16.0,
+            _ => 0.0,
+        }
+    }
+
+    /// Signed integer value of a code (`q - offset` for `_0`, the i8 for Q8_0, `q` for `_1`).
+    #[inline]
+    fn int_of(self, code: u8) -> i32 {
+        match self {
+            GgmlGrid::Q8_0 => code as i8 as i32,
+            GgmlGrid::Q4_0 | GgmlGrid::Q5_0 => code as i32 - self.offset() as i32,
+            _ => code as i32,
+        }
+    }
+
+    #[inline]
+    fn code_of(self, q: i32) -> u8 {
+        match self {
+            GgmlGrid::Q8_0 => q as i8 as u8,
+            GgmlGrid::Q4_0 | GgmlGrid::Q5_0 => (q + self.offset() as i32) as u8,
+            _ => q as u8,
+        }
+    }
+
+    /// Highest integer value (`qmax - offset` for `_0`).
+    fn qhi(self) -> i32 {
+        match self {
+            GgmlGrid::Q4_0 => 7,
+            GgmlGrid::Q5_0 => 15,
+            g => g.qmax(),
+        }
+    }
+
+    /// Parameters from an unrounded `d` (and `m`): f16-rounded, with the type's zero.
+    fn params(self, d: f32, m: f32) -> GroupParams {
+        GroupParams {
+            scale: f16r(d),
+            zero: if self.is_affine() {
+                f16r(m)
+            } else {
+                self.offset()
+            },
+        }
+    }
+
+    /// `sum_i w_i (x_i - quantize(x_i))^2` in f64 (uniform weights when `w` is `None`).
+    fn weighted_error(self, x: &[f32], w: Option<&[f32]>, p: GroupParams) -> f64 {
+        x.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let e = (v - self.quantize(v, p)) as f64;
+                w.map_or(1.0, |w| w[i] as f64) * e * e
+            })
+            .sum()
+    }
+
+    fn fit_search(self, x: &[f32], w: &[f32]) -> GroupParams {
+        let reference = self.fit(x);
+        let mut best = (self.weighted_error(x, Some(w), reference), reference);
+        let consider = |p: GroupParams, best: &mut (f64, GroupParams)| {
+            if p.scale.is_finite() && p.zero.is_finite() {
+                let e = self.weighted_error(x, Some(w), p);
+                if e < best.0 {
+                    *best = (e, p);
+                }
+            }
+        };
+        if self.is_affine() {
+            let (min, max) = min_max(x);
+            if max <= min || !(max - min).is_finite() {
+                return best.1;
+            }
+            let nm = self.qmax() as f32;
+            for t in -10..=10 {
+                let step = (max - min) / (nm + t as f32 * nm / 150.0);
+                if !(step > 0.0 && step.is_finite()) {
+                    continue;
+                }
+                let cand = self.params(step, min);
+                consider(cand, &mut best);
+                // Weighted least squares of x ~ d q + m for the codes of this candidate.
+                let (mut sw, mut sq, mut sqq, mut sx, mut sxq) = (0.0f64, 0.0, 0.0, 0.0, 0.0);
+                for (i, &v) in x.iter().enumerate() {
+                    let q = self.encode(v, cand) as f64;
+                    let wi = w[i] as f64;
+                    sw += wi;
+                    sq += wi * q;
+                    sqq += wi * q * q;
+                    sx += wi * v as f64;
+                    sxq += wi * v as f64 * q;
+                }
+                let det = sw * sqq - sq * sq;
+                if det > 0.0 {
+                    let d = (sw * sxq - sq * sx) / det;
+                    let m = (sqq * sx - sq * sxq) / det;
+                    if d > 0.0 {
+                        consider(self.params(d as f32, m as f32), &mut best);
+                    }
+                }
+            }
+        } else {
+            let (max, amax) = signed_absmax(x);
+            if amax == 0.0 {
+                return best.1;
+            }
+            // Q4_0 / Q5_0 map `max` to the lowest code (negative `d`); Q8_0 uses `amax / 127`.
+            let (num, n) = match self {
+                GgmlGrid::Q8_0 => (amax, 127.0f32),
+                _ => (max, -(self.qlo() as f32)),
+            };
+            let sign = if self == GgmlGrid::Q8_0 { 1.0 } else { -1.0 };
+            for t in -10..=10 {
+                let d = num / (sign * (n + t as f32 * n / 80.0));
+                if !(d != 0.0 && d.is_finite()) {
+                    continue;
+                }
+                let cand = self.params(d, 0.0);
+                consider(cand, &mut best);
+                let (mut sxc, mut scc) = (0.0f64, 0.0f64);
+                for (i, &v) in x.iter().enumerate() {
+                    let c = self.int_of(self.encode(v, cand)) as f64;
+                    sxc += w[i] as f64 * v as f64 * c;
+                    scc += w[i] as f64 * c * c;
+                }
+                if scc > 0.0 {
+                    let d = (sxc / scc) as f32;
+                    if d != 0.0 {
+                        consider(self.params(d, 0.0), &mut best);
+                    }
+                }
+            }
+        }
+        best.1
+    }
+}
+
+/// Signed value of largest `|x|` (the first on ties), and that `|x|`.
+fn signed_absmax(x: &[f32]) -> (f32, f32) {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        min = min.min(v);
+        max = max.max(v);
+    }
+    (min, max)
+}
+
+impl Format for GgmlGrid {
+    /// `ggml-q4_0`, `ggml-q4_1`, ...
+    fn name(&self) -> String {
+        format!("ggml-{}", self.ggml_name().to_lowercase())
+    }
+
+    fn code_bits(&self) -> u32 {
+        self.bits()
+    }
+
+    /// An f16 `d`, plus an f16 `m` for the `_1` types.
+    fn param_bits(&self) -> f64 {
+        if self.is_affine() {
+            32.0
+        } else {
+            16.0
+        }
+    }
+
+    /// The f16 `d`.
+    fn scale_bits(&self) -> f64 {
+        16.0
+    }
+
+    /// ggml's reference `d` (and `m`), rounded to f16 (see the module docs).
+    fn fit(&self, w: &[f32]) -> GroupParams {
+        match self {
+            GgmlGrid::Q4_0 | GgmlGrid::Q5_0 => {
+                let (max, _) = signed_absmax(w);
+                self.params(max / self.qlo() as f32, 0.0)
+            }
+            GgmlGrid::Q8_0 => {
+                let (_, amax) = signed_absmax(w);
+                self.params(amax / 127.0, 0.0)
+            }
+            GgmlGrid::Q4_1 | GgmlGrid::Q5_1 => {
+                let (min, max) = min_max(w);
+                if w.is_empty() {
+                    return self.params(0.0, 0.0);
+                }
+                self.params((max - min) / self.qmax() as f32, min)
+            }
+        }
+    }
+
+    /// The importance-weighted scale search of the module docs.
+    #[track_caller]
+    fn fit_weighted(&self, w: &[f32], importance: Option<&[f32]>) -> GroupParams {
+        match importance {
+            None => self.fit(w),
+            Some(imp) => {
+                assert_eq!(
+                    imp.len(),
+                    w.len(),
+                    "importance and weights differ in length"
+                );
+                if imp.iter().map(|&v| v as f64).sum::<f64>() > 0.0 {
+                    self.fit_search(w, imp)
+                } else {
+                    self.fit(w)
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn encode(&self, x: f32, p: GroupParams) -> u8 {
+        let d = p.scale;
+        let (lo, hi) = (self.qlo(), self.qhi());
+        if d == 0.0 || !d.is_finite() {
+            return self.code_of(0);
+        }
+        let t = if self.is_affine() {
+            (x - p.zero) / d
+        } else {
+            x / d
+        };
+        let q0 = if *self == GgmlGrid::Q8_0 {
+            t.round()
+        } else {
+            (t + 0.5).floor()
+        };
+        let q0 = if q0.is_nan() {
+            0
+        } else {
+            q0.clamp(lo as f32, hi as f32) as i32
+        };
+        // Exact nearest level in f32: the rounding above can be off by one near a midpoint.
+        let err = |q: i32| (x - self.decode(self.code_of(q), p)).abs();
+        let mut best = (err(q0), q0);
+        for q in [q0 - 1, q0 + 1] {
+            if (lo..=hi).contains(&q) {
+                let e = err(q);
+                if e < best.0 {
+                    best = (e, q);
+                }
+            }
+        }
+        self.code_of(best.1)
+    }
+
+    #[inline]
+    fn decode(&self, code: u8, p: GroupParams) -> f32 {
+        if self.is_affine() {
+            code as f32 * p.scale + p.zero
+        } else {
+            self.int_of(code) as f32 * p.scale
+        }
+    }
+}

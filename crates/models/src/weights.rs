@@ -1,0 +1,515 @@
+//! Where the weights come from: GGUF files (any ggml type candle dequantizes) and
+//! safetensors files (single or sharded), both memory-mapped and read tensor by tensor,
+//! always handed out as f32 tensors under Hugging Face names and in Hugging Face layout.
+//!
+//! GGUF files written by llama.cpp's converter for the `llama` architecture store the rows of
+//! `attn_q` / `attn_k` permuted (within each head, the two rotary halves interleaved:
+//! GGUF row `2i + j` of a head is Hugging Face row `j * head_dim / 2 + i`). [`GgufWeights`]
+//! undoes that, so a model loaded from GGUF and one loaded from the equivalent safetensors
+//! hold identical weights.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{ggml_file, GgmlDType};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Architecture, LlamaConfig};
+use crate::{ModelError, Result};
+
+/// A source of f32 weights addressed by Hugging Face names
+/// (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`, ...).
+pub trait WeightSource {
+    /// The file or directory, for error messages.
+    fn path(&self) -> &Path;
+    /// Whether a tensor of this (Hugging Face) name exists.
+    fn contains(&self, name: &str) -> bool;
+    /// Reads and dequantizes one tensor to f32 on the CPU, in Hugging Face layout.
+    fn load(&self, name: &str) -> Result<Tensor>;
+    /// All tensor names, in Hugging Face naming, sorted.
+    fn names(&self) -> Vec<String>;
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> ModelError {
+    ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    // SAFETY: the map is read-only; like every mmap reader we rely on the file not being
+    // truncated by another process while it is mapped.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))
+}
+
+/// A GGUF file, memory-mapped; tensors are dequantized on demand.
+pub struct GgufWeights {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    content: Content,
+    /// HF name -> GGUF name.
+    names: BTreeMap<String, String>,
+    /// Undo llama.cpp's q/k row permutation (architecture `llama`).
+    unpermute: bool,
+    n_head: usize,
+    n_kv_head: usize,
+}
+
+impl std::fmt::Debug for GgufWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufWeights")
+            .field("path", &self.path)
+            .field("tensors", &self.content.tensor_infos.len())
+            .finish()
+    }
+}
+
+/// Maps a GGUF tensor name (llama.cpp naming) to the Hugging Face name, or `None` for
+/// tensors this crate does not use.
+pub fn gguf_to_hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        "rope_freqs.weight" => Some("rope_freqs.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+impl GgufWeights {
+    /// Opens and memory-maps a GGUF file and reads its header (metadata and tensor table).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let mmap = map_file(&path)?;
+        let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| ModelError::Gguf {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        let mut names = BTreeMap::new();
+        for gguf in content.tensor_infos.keys() {
+            if let Some(hf) = gguf_to_hf_name(gguf) {
+                names.insert(hf, gguf.clone());
+            }
+        }
+        let arch = match content.metadata.get("general.architecture") {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        let head = |key: &str| {
+            content
+                .metadata
+                .get(&format!("{arch}.{key}"))
+                .and_then(crate::config::gguf_uint)
+        };
+        let n_head = head("attention.head_count").unwrap_or(0);
+        let n_kv_head = head("attention.head_count_kv").unwrap_or(n_head);
+        Ok(Self {
+            unpermute: arch == "llama",
+            path,
+            mmap,
+            content,
+            names,
+            n_head,
+            n_kv_head,
+        })
+    }
+
+    /// The GGUF metadata (tokenizer, chat template, hyper-parameters).
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// The model config from the metadata; `tie_word_embeddings` is true when the file has no
+    /// `output.weight`.
+    pub fn config(&self) -> Result<LlamaConfig> {
+        let mut cfg = LlamaConfig::from_gguf_metadata(
+            &self.content.metadata,
+            &self.path.display().to_string(),
+        )?;
+        cfg.tie_word_embeddings = !self.content.tensor_infos.contains_key("output.weight");
+        if cfg.architecture == Architecture::Qwen2 {
+            cfg.qkv_bias = self.content.tensor_infos.contains_key("blk.0.attn_q.bias");
+        }
+        Ok(cfg)
+    }
+
+    /// The ggml type a tensor is stored in (by Hugging Face name).
+    pub fn ggml_dtype(&self, name: &str) -> Option<GgmlDType> {
+        let g = self.names.get(name)?;
+        self.content.tensor_infos.get(g).map(|t| t.ggml_dtype)
+    }
+
+    fn gguf_err(&self, detail: String) -> ModelError {
+        ModelError::Gguf {
+            path: self.path.display().to_string(),
+            detail,
+        }
+    }
+
+    /// Reads one tensor by its GGUF name, dequantized to f32, without any permutation.
+    pub fn load_raw(&self, gguf_name: &str) -> Result<Tensor> {
+        let info =
+            self.content
+                .tensor_infos
+                .get(gguf_name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: self.path.display().to_string(),
+                    tensor: gguf_name.to_string(),
+                })?;
+        let dims = info.shape.dims().to_vec();
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                self.gguf_err(format!("tensor `{gguf_name}` has absurd dims {dims:?}"))
+            })?;
+        let block = info.ggml_dtype.block_size();
+        if elems % block != 0 {
+            return Err(self.gguf_err(format!(
+                "tensor `{gguf_name}` has {elems} elements, not a multiple of the {:?} block of {block}",
+                info.ggml_dtype
+            )));
+        }
+        let bytes = (elems / block)
+            .checked_mul(info.ggml_dtype.type_size())
+            .ok_or_else(|| self.gguf_err(format!("tensor `{gguf_name}` is too large")))?;
+        let start = self
+            .content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|s| usize::try_from(s).ok())
+            .ok_or_else(|| self.gguf_err(format!("tensor `{gguf_name}` has a bad offset")))?;
+        let end = start
+            .checked_add(bytes)
+            .filter(|&e| e <= self.mmap.len())
+            .ok_or_else(|| {
+                self.gguf_err(format!(
+                    "tensor `{gguf_name}` needs bytes {start}..{} but the file has {} (truncated?)",
+                    start.saturating_add(bytes),
+                    self.mmap.len()
+                ))
+            })?;
+        let raw = &self.mmap[start..end];
+        // The block structs need at most 4-byte alignment; a well-formed file aligns data
+        // to 32 bytes, a malformed one gets copied to an aligned buffer.
+        let q = if (raw.as_ptr() as usize) % 8 == 0 {
+            ggml_file::qtensor_from_ggml(info.ggml_dtype, raw, dims.clone(), &Device::Cpu)
+        } else {
+            let mut words = vec![0u64; bytes.div_ceil(8)];
+            // SAFETY: `words` holds at least `bytes` bytes; u64 has no invalid bit patterns.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, bytes) };
+            buf.copy_from_slice(raw);
+            ggml_file::qtensor_from_ggml(info.ggml_dtype, buf, dims.clone(), &Device::Cpu)
+        }
+        .map_err(|e| self.gguf_err(format!("tensor `{gguf_name}`: {e}")))?;
+        let t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| self.gguf_err(format!("tensor `{gguf_name}`: {e}")))?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}
+
+/// Undoes llama.cpp's q/k permutation: within each of `n_head` heads of `rows / n_head`
+/// rows, GGUF row `2i + j` goes to Hugging Face row `j * (rows / n_head / 2) + i`.
+/// Works on weights `[rows, cols]` and biases `[rows]`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// // one head of 4 rows: GGUF order (a0, b0, a1, b1) -> HF order (a0, a1, b0, b1)
+/// let g = Tensor::new(&[[0f32], [2.0], [1.0], [3.0]], &Device::Cpu).unwrap();
+/// let hf = quantlab_models::weights::unpermute_qk(&g, 1).unwrap();
+/// let v: Vec<f32> = hf.flatten_all().unwrap().to_vec1().unwrap();
+/// assert_eq!(v, vec![0.0, 1.0, 2.0, 3.0]);
+/// ```
+pub fn unpermute_qk(t: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let half = rows / n_head / 2;
+    let out = match dims.len() {
+        1 => t
+            .reshape((n_head, half, 2))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape(rows)?,
+        2 => t
+            .reshape((n_head, half, 2, dims[1]))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows, dims[1]))?,
+        _ => t.clone(),
+    };
+    Ok(out)
+}
+
+impl WeightSource for GgufWeights {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor> {
+        let gguf = self
+            .names
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.display().to_string(),
+                tensor: name.to_string(),
+            })?;
+        let t = self.load_raw(gguf)?;
+        let is_q = name.contains(".self_attn.q_proj.");
+        let is_k = name.contains(".self_attn.k_proj.");
+        if self.unpermute && (is_q || is_k) {
+            let heads = if is_q { self.n_head } else { self.n_kv_head };
+            let rows = t.dims()[0];
+            if heads == 0 || rows % (2 * heads) != 0 {
+                return Err(self.gguf_err(format!(
+                    "tensor `{gguf}` has {rows} rows, not a multiple of 2 x {heads} heads"
+                )));
+            }
+            return unpermute_qk(&t, heads);
+        }
+        Ok(t)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.names.keys().cloned().collect()
+    }
+}
+
+/// One or several safetensors files (a Hugging Face checkpoint), memory-mapped.
+pub struct SafetensorsWeights {
+    path: PathBuf,
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// tensor name -> index into `files`.
+    routing: BTreeMap<String, usize>,
+}
+
+impl std::fmt::Debug for SafetensorsWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsWeights")
+            .field("path", &self.path)
+            .field("files", &self.files.len())
+            .field("tensors", &self.routing.len())
+            .finish()
+    }
+}
+
+impl SafetensorsWeights {
+    /// Opens one `.safetensors` file.
+    pub fn open_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        Self::open_files(path.clone(), &[path])
+    }
+
+    /// Opens the weights of a Hugging Face directory: `model.safetensors`, or the shards
+    /// listed in `model.safetensors.index.json`.
+    pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| io_err(&index, e))?;
+            let bad = |detail: String| ModelError::Safetensors {
+                path: index.display().to_string(),
+                detail,
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| bad("no `weight_map` object".into()))?;
+            let mut shards: Vec<String> = Vec::new();
+            for (tensor, file) in map {
+                let file = file
+                    .as_str()
+                    .ok_or_else(|| bad(format!("weight_map[{tensor}] is not a file name")))?;
+                if file.contains('/') || file.contains("..") {
+                    return Err(bad(format!("shard name `{file}` leaves the directory")));
+                }
+                if !shards.iter().any(|s| s == file) {
+                    shards.push(file.to_string());
+                }
+            }
+            shards.sort();
+            let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+            Self::open_files(dir.to_path_buf(), &paths)
+        } else if single.exists() {
+            Self::open_files(dir.to_path_buf(), &[single])
+        } else {
+            Err(ModelError::MissingTensor {
+                path: dir.display().to_string(),
+                tensor: "model.safetensors (or model.safetensors.index.json)".into(),
+            })
+        }
+    }
+
+    fn open_files(path: PathBuf, files: &[PathBuf]) -> Result<Self> {
+        let mut opened = Vec::new();
+        let mut routing = BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            if !f.exists() {
+                return Err(io_err(
+                    f,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+                ));
+            }
+            // SAFETY: read-only map, see `map_file`.
+            let st = unsafe { MmapedSafetensors::new(f) }.map_err(|e| ModelError::Safetensors {
+                path: f.display().to_string(),
+                detail: e.to_string(),
+            })?;
+            for (name, _) in st.tensors() {
+                routing.insert(name, i);
+            }
+            opened.push((f.clone(), st));
+        }
+        Ok(Self {
+            path,
+            files: opened,
+            routing,
+        })
+    }
+
+    fn resolve<'a>(&self, name: &'a str) -> Option<(usize, std::borrow::Cow<'a, str>)> {
+        if let Some(&i) = self.routing.get(name) {
+            return Some((i, name.into()));
+        }
+        // Checkpoints of a bare `LlamaModel` lack the `model.` prefix.
+        let bare = name.strip_prefix("model.")?;
+        self.routing.get(bare).map(|&i| (i, bare.into()))
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor> {
+        let (i, key) = self
+            .resolve(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.display().to_string(),
+                tensor: name.to_string(),
+            })?;
+        let (file, st) = &self.files[i];
+        let t = st
+            .load(&key, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| ModelError::Safetensors {
+                path: file.display().to_string(),
+                detail: format!("tensor `{key}`: {e}"),
+            })?;
+        Ok(t)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.routing.keys().cloned().collect()
+    }
+}
+
+/// Weights held in memory under Hugging Face names (for tests, notebooks and models built
+/// programmatically).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use quantlab_models::{LlamaConfig, LlamaModel, MemoryWeights};
+/// let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
+///   "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+///   "vocab_size": 10, "tie_word_embeddings": true}"#;
+/// let cfg = LlamaConfig::from_hf_json(json, "config.json").unwrap();
+/// let mut w = MemoryWeights::new("memory");
+/// let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
+/// w.insert("model.embed_tokens.weight", z(&[10, 8]));
+/// w.insert("model.norm.weight", z(&[8]));
+/// for n in ["input_layernorm", "post_attention_layernorm"] {
+///     w.insert(&format!("model.layers.0.{n}.weight"), z(&[8]));
+/// }
+/// for (n, s) in [("self_attn.q_proj", [8, 8]), ("self_attn.k_proj", [8, 8]),
+///     ("self_attn.v_proj", [8, 8]), ("self_attn.o_proj", [8, 8]), ("mlp.gate_proj", [16, 8]),
+///     ("mlp.up_proj", [16, 8]), ("mlp.down_proj", [8, 16])] {
+///     w.insert(&format!("model.layers.0.{n}.weight"), z(&s));
+/// }
+/// let model = LlamaModel::from_source(cfg, &w).unwrap();
+/// let logits = model.forward(&[1, 2, 3]).unwrap();
+/// assert_eq!(logits.dims(), &[3, 10]);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct MemoryWeights {
+    path: PathBuf,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl MemoryWeights {
+    /// An empty set; `label` stands for the path in error messages.
+    pub fn new(label: impl Into<PathBuf>) -> Self {
+        Self {
+            path: label.into(),
+            tensors: BTreeMap::new(),
+        }
+    }
+
+    /// Adds or replaces a tensor (Hugging Face name and layout).
+    pub fn insert(&mut self, name: &str, t: Tensor) {
+        self.tensors.insert(name.to_string(), t);
+    }
+}
+
+impl WeightSource for MemoryWeights {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.display().to_string(),
+                tensor: name.to_string(),
+            })?;
+        Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+}

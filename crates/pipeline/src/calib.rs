@@ -1,0 +1,106 @@
+//! Calibration data: token windows drawn from a text.
+//!
+//! The text (the shipped prose by default, a `.txt`/`.jsonl`/`.parquet` file, or a list of
+//! strings from a notebook, joined with blank lines) is tokenized once without BOS; each of the
+//! `nsamples` windows is `seqlen` consecutive tokens starting at a position drawn uniformly
+//! from `0..=len - seqlen` with a seeded generator (the reference GPTQ's `get_wikitext2` draw),
+//! so a seed gives the same windows on every run.
+
+use std::path::PathBuf;
+
+use quantlab_models::{text, LlamaTokenizer};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::{PipelineError, Result};
+
+/// Where the calibration text comes from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub enum Calibration {
+    /// The prose shipped with quantlab-models ([`text::CALIBRATION_TEXT`]).
+    #[default]
+    Shipped,
+    /// A `.txt`, `.jsonl` or `.parquet` file, with the jsonl field / parquet column.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Field or column (default `text`).
+        field: Option<String>,
+    },
+    /// Strings given by the caller (like `GPTQConfig(dataset=[...])`), joined with blank
+    /// lines before the windows are drawn.
+    Texts(Vec<String>),
+}
+
+impl Calibration {
+    /// A short description for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            Calibration::Shipped => {
+                "shipped calibration prose (quantlab-models data/calib.txt)".into()
+            }
+            Calibration::File { path, .. } => path.display().to_string(),
+            Calibration::Texts(t) => format!("{} strings given by the caller", t.len()),
+        }
+    }
+
+    /// The whole text.
+    pub fn text(&self) -> Result<String> {
+        Ok(match self {
+            Calibration::Shipped => text::CALIBRATION_TEXT.to_string(),
+            Calibration::File { path, field } => text::read_text(path, field.as_deref())?,
+            Calibration::Texts(t) => t.join("\n\n"),
+        })
+    }
+}
+
+/// `nsamples` windows of `seqlen` tokens drawn from `tokens` with `seed` (see the module
+/// documentation). Errors when the text is shorter than one window.
+///
+/// ```
+/// let tokens: Vec<u32> = (0..100).collect();
+/// let w = quantlab_pipeline::calib::draw_windows(&tokens, 4, 10, 0, "text").unwrap();
+/// assert_eq!(w.len(), 4);
+/// // each window is a run of consecutive tokens of the text
+/// assert!(w.iter().all(|s| s.len() == 10 && s.windows(2).all(|p| p[1] == p[0] + 1)));
+/// assert_eq!(w, quantlab_pipeline::calib::draw_windows(&tokens, 4, 10, 0, "text").unwrap());
+/// ```
+pub fn draw_windows(
+    tokens: &[u32],
+    nsamples: usize,
+    seqlen: usize,
+    seed: u64,
+    what: &str,
+) -> Result<Vec<Vec<u32>>> {
+    if tokens.len() < seqlen {
+        return Err(PipelineError::option(
+            "--calib",
+            format!(
+                "{what} has {} tokens, fewer than one window of --seqlen {seqlen}: use a longer text or a smaller --seqlen",
+                tokens.len()
+            ),
+        ));
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let last = tokens.len() - seqlen;
+    Ok((0..nsamples)
+        .map(|_| {
+            let i = rng.random_range(0..=last);
+            tokens[i..i + seqlen].to_vec()
+        })
+        .collect())
+}
+
+/// Tokenizes the calibration text and draws the windows.
+pub fn calibration_windows(
+    tokenizer: &LlamaTokenizer,
+    calib: &Calibration,
+    nsamples: usize,
+    seqlen: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    let text = calib.text()?;
+    let tokens = tokenizer.encode(&text)?;
+    draw_windows(&tokens, nsamples, seqlen, seed, &calib.describe())
+}

@@ -1,0 +1,752 @@
+//! What to do to a model: the method, its number format and solver options, which linears to
+//! skip, per-module overrides, calibration sizes. [`QuantizeConfig::plan`] resolves it against
+//! a model's shapes into one [`LayerPlan`] per linear and reports every inconsistency before
+//! any work is done.
+//!
+//! # Overrides
+//! `--override 'PATTERN:key=value[,key=value...]'` changes the settings of every block linear
+//! whose name matches `PATTERN` (later overrides win). A pattern with `*` or `?` is a glob on
+//! the full name (`model.layers.*.mlp.down_proj`); any other pattern matches as a substring
+//! (`down_proj`, `layers.0.`). Keys: `bits` (an integer the method supports),
+//! `group_size` (or `gs`; `-1` = one group per row), `sym` (`true`/`false`), `act_order`
+//! (`true`/`false`, GPTQ methods only), `damp` (a fraction >= 0, GPTQ methods only).
+//!
+//! # Skips
+//! `--skip PATTERN` (same matching) leaves the matching linears in full precision. The
+//! embeddings, the final norm and `lm_head` are never quantized: they are not linears of the
+//! blocks.
+
+use std::fmt;
+
+use quantlab_grids::{DoubleQuant, FormatSpec, Fp8Kind, Granularity, MseClip, UniformGrid};
+use quantlab_models::{LlamaConfig, BLOCK_LINEARS};
+use serde::Serialize;
+
+use crate::{PipelineError, Result};
+
+/// A whole-model quantization method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub enum Method {
+    /// Round to nearest on a uniform integer grid.
+    #[serde(rename = "rtn")]
+    Rtn,
+    /// GPTQ (blocked, Cholesky of `H^-1`), true-sequential.
+    #[serde(rename = "gptq")]
+    Gptq,
+    /// AWQ scale search on the block output, clip search, then RTN.
+    #[serde(rename = "awq")]
+    Awq,
+    /// AWQ scaling, then GPTQ on the scaled weights.
+    #[serde(rename = "awq+gptq")]
+    AwqGptq,
+    /// NF4 codebook with absmax per group (QLoRA / bitsandbytes).
+    #[serde(rename = "nf4")]
+    Nf4,
+    /// bitsandbytes FP4 codebook with absmax per group.
+    #[serde(rename = "fp4")]
+    Fp4,
+    /// LLM.int8(): absmax int8 per row; outlier decomposition at run time.
+    #[serde(rename = "int8")]
+    Int8,
+    /// FP8 E4M3 with a scale per output channel.
+    #[serde(rename = "fp8")]
+    Fp8,
+}
+
+impl Method {
+    /// Every method, in the order of `--help`.
+    pub const ALL: [Method; 8] = [
+        Method::Rtn,
+        Method::Gptq,
+        Method::Awq,
+        Method::AwqGptq,
+        Method::Nf4,
+        Method::Fp4,
+        Method::Int8,
+        Method::Fp8,
+    ];
+
+    /// The name used on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+            Method::Awq => "awq",
+            Method::AwqGptq => "awq+gptq",
+            Method::Nf4 => "nf4",
+            Method::Fp4 => "fp4",
+            Method::Int8 => "int8",
+            Method::Fp8 => "fp8",
+        }
+    }
+
+    /// Parses a method name.
+    ///
+    /// ```
+    /// use quantlab_pipeline::Method;
+    /// assert_eq!(Method::parse("awq+gptq").unwrap(), Method::AwqGptq);
+    /// assert!(Method::parse("bogus").unwrap_err().to_string().contains("rtn, gptq"));
+    /// ```
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| {
+                PipelineError::option(
+                    "--method",
+                    format!(
+                        "unknown method `{s}`; use one of {}",
+                        Self::ALL.map(|m| m.name()).join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// Whether the method runs GPTQ (and so takes `--act-order`, `--damp`, ...).
+    pub fn uses_gptq(self) -> bool {
+        matches!(self, Method::Gptq | Method::AwqGptq)
+    }
+
+    /// Whether the method runs the AWQ searches.
+    pub fn uses_awq(self) -> bool {
+        matches!(self, Method::Awq | Method::AwqGptq)
+    }
+
+    /// Whether the method's weights depend on the calibration data (RTN-like methods use it
+    /// only to measure the output error).
+    pub fn needs_calibration(self) -> bool {
+        self.uses_gptq() || self.uses_awq()
+    }
+
+    /// Whether the format is a uniform integer grid.
+    pub fn is_uniform(self) -> bool {
+        matches!(
+            self,
+            Method::Rtn | Method::Gptq | Method::Awq | Method::AwqGptq
+        )
+    }
+
+    /// Bits used when `--bits` is not given.
+    pub fn default_bits(self) -> u32 {
+        match self {
+            Method::Int8 | Method::Fp8 => 8,
+            _ => 4,
+        }
+    }
+
+    /// Group size used when `--group-size` is not given (`-1` = per row).
+    pub fn default_group_size(self) -> i64 {
+        match self {
+            Method::Nf4 | Method::Fp4 => 64,
+            Method::Int8 | Method::Fp8 => -1,
+            _ => 128,
+        }
+    }
+
+    /// The bit widths the method supports, for error messages.
+    pub fn supported_bits(self) -> &'static str {
+        match self {
+            Method::Nf4 | Method::Fp4 => "4",
+            Method::Int8 | Method::Fp8 => "8",
+            _ => "2 to 8",
+        }
+    }
+
+    fn supports_bits(self, bits: u32) -> bool {
+        match self {
+            Method::Nf4 | Method::Fp4 => bits == 4,
+            Method::Int8 | Method::Fp8 => bits == 8,
+            _ => (2..=8).contains(&bits),
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One `--override`: a pattern and the settings it changes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Override {
+    /// Substring, or glob when it holds `*` or `?`.
+    pub pattern: String,
+    /// New bit width.
+    pub bits: Option<u32>,
+    /// New group size (`-1` = per row).
+    pub group_size: Option<i64>,
+    /// Symmetric grid or not.
+    pub sym: Option<bool>,
+    /// GPTQ act-order.
+    pub act_order: Option<bool>,
+    /// GPTQ damping fraction.
+    pub damp: Option<f64>,
+}
+
+impl Override {
+    /// Parses `PATTERN:key=value[,key=value...]` (see the module documentation).
+    ///
+    /// ```
+    /// use quantlab_pipeline::Override;
+    /// let o = Override::parse("down_proj:bits=8,gs=-1").unwrap();
+    /// assert_eq!((o.pattern.as_str(), o.bits, o.group_size), ("down_proj", Some(8), Some(-1)));
+    /// assert!(Override::parse("down_proj:colour=red").is_err());
+    /// ```
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |d: String| PipelineError::option("--override", format!("`{s}`: {d}"));
+        let (pattern, rest) = s
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected PATTERN:key=value[,key=value...]".into()))?;
+        if pattern.is_empty() {
+            return Err(bad("empty pattern".into()));
+        }
+        let mut o = Override {
+            pattern: pattern.to_string(),
+            bits: None,
+            group_size: None,
+            sym: None,
+            act_order: None,
+            damp: None,
+        };
+        let bool_of = |k: &str, v: &str| -> Result<bool> {
+            match v {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err(bad(format!("`{k}` takes true or false, not `{v}`"))),
+            }
+        };
+        for kv in rest.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(format!("`{kv}` is not key=value")))?;
+            let (k, v) = (k.trim(), v.trim());
+            match k {
+                "bits" => {
+                    o.bits = Some(
+                        v.parse()
+                            .map_err(|_| bad(format!("bits `{v}` is not an integer")))?,
+                    )
+                }
+                "group_size" | "gs" | "group-size" => {
+                    o.group_size = Some(
+                        v.parse()
+                            .map_err(|_| bad(format!("group size `{v}` is not an integer")))?,
+                    )
+                }
+                "sym" => o.sym = Some(bool_of(k, v)?),
+                "act_order" | "act-order" => o.act_order = Some(bool_of(k, v)?),
+                "damp" => {
+                    o.damp = Some(
+                        v.parse()
+                            .map_err(|_| bad(format!("damp `{v}` is not a number")))?,
+                    )
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key `{k}` (use bits, group_size, sym, act_order, damp)"
+                    )))
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Whether `name` matches `pattern`: a glob (`*`, `?`) on the whole name when the pattern
+/// holds one of them, otherwise a substring test.
+///
+/// ```
+/// use quantlab_pipeline::config::matches;
+/// assert!(matches("down_proj", "model.layers.3.mlp.down_proj"));
+/// assert!(matches("model.layers.*.self_attn.?_proj", "model.layers.12.self_attn.q_proj"));
+/// assert!(!matches("model.layers.1.*", "model.layers.12.mlp.up_proj"));
+/// ```
+pub fn matches(pattern: &str, name: &str) -> bool {
+    if pattern.contains('*') || pattern.contains('?') {
+        glob(pattern.as_bytes(), name.as_bytes())
+    } else {
+        name.contains(pattern)
+    }
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    // iterative wildcard matching with one backtrack point
+    let (mut pi, mut si) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// Everything that decides what the pipeline does to a model.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuantizeConfig {
+    /// The method.
+    pub method: Method,
+    /// Bit width (`None`: the method's default).
+    pub bits: Option<u32>,
+    /// Group size, `-1` = per row (`None`: the method's default).
+    pub group_size: Option<i64>,
+    /// Symmetric integer grid (default) or asymmetric.
+    pub sym: bool,
+    /// GPTQ: columns by descending `diag H`.
+    pub act_order: bool,
+    /// GPTQ: group parameters from the original weights.
+    pub static_groups: bool,
+    /// GPTQ damping fraction of `mean(diag H)` (`None`: 0.01).
+    pub damp: Option<f64>,
+    /// GPTQ lazy-batch size (`None`: 128).
+    pub block_size: Option<usize>,
+    /// The reference GPTQ MSE clipping search of the grid range (uniform grids).
+    pub mse: bool,
+    /// NF4/FP4: double-quantize the absmax (QLoRA).
+    pub double_quant: bool,
+    /// int8: the LLM.int8() outlier threshold recorded for run time (`None`: 6.0).
+    pub int8_threshold: Option<f32>,
+    /// Linears left in full precision (patterns).
+    pub skip: Vec<String>,
+    /// Per-module overrides, in order.
+    pub overrides: Vec<Override>,
+    /// Calibration windows.
+    pub nsamples: usize,
+    /// Tokens per calibration window.
+    pub seqlen: usize,
+    /// Seed of the window draw.
+    pub seed: u64,
+    /// Calibration windows per forward mini-batch.
+    pub batch_size: usize,
+    /// GPTQ: re-capture the inputs after each group of the block is quantized (q,k,v; o;
+    /// gate,up; down). When false, one capture per block with the block's original weights.
+    pub true_sequential: bool,
+    /// AWQ: calibration windows used to score the scale candidates on the block output.
+    pub awq_samples: usize,
+    /// AWQ: fold the searched scales into the model without quantizing (experiments; the
+    /// saved model is then the float model re-parametrised).
+    pub awq_fold_only: bool,
+}
+
+impl Default for QuantizeConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Gptq,
+            bits: None,
+            group_size: None,
+            sym: true,
+            act_order: false,
+            static_groups: false,
+            damp: None,
+            block_size: None,
+            mse: false,
+            double_quant: false,
+            int8_threshold: None,
+            skip: Vec::new(),
+            overrides: Vec::new(),
+            nsamples: 128,
+            seqlen: 512,
+            seed: 0,
+            batch_size: 8,
+            true_sequential: true,
+            awq_samples: 16,
+            awq_fold_only: false,
+        }
+    }
+}
+
+/// The resolved settings of one linear.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerPlan {
+    /// Full name, `model.layers.3.mlp.down_proj`.
+    pub name: String,
+    /// Block index.
+    pub block: usize,
+    /// Index into [`BLOCK_LINEARS`].
+    pub kind: usize,
+    /// `(out, in)`.
+    pub shape: (usize, usize),
+    /// Left in full precision.
+    pub skip: bool,
+    /// Bit width.
+    pub bits: u32,
+    /// Group size (`-1` = per row).
+    pub group_size: i64,
+    /// Symmetric grid.
+    pub sym: bool,
+    /// GPTQ act-order.
+    pub act_order: bool,
+    /// GPTQ damping fraction.
+    pub damp: f64,
+    /// The number format.
+    pub spec: FormatSpec,
+    /// How weights share parameters.
+    pub granularity: Granularity,
+}
+
+impl LayerPlan {
+    /// Bits per weight this layer will cost (codes + parameters; without an act-order
+    /// `g_idx` or double quantization).
+    pub fn estimated_bits_per_weight(&self) -> f64 {
+        if self.skip {
+            return 16.0;
+        }
+        let f = self.spec.build();
+        let per_group = match self.granularity {
+            Granularity::PerTensor => self.shape.0 * self.shape.1,
+            _ => self.granularity.group_len(self.shape.1),
+        };
+        f.code_bits() as f64 + f.param_bits() / per_group as f64
+    }
+}
+
+/// The whole plan: one entry per block linear, in forward order.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// The method.
+    pub method: Method,
+    /// Bits (after defaults).
+    pub bits: u32,
+    /// Group size (after defaults).
+    pub group_size: i64,
+    /// Per linear.
+    pub layers: Vec<LayerPlan>,
+    /// Notes about what the method will and will not do on this model.
+    pub notes: Vec<String>,
+}
+
+impl QuantizeConfig {
+    /// Checks the options that do not depend on the model.
+    pub fn validate(&self) -> Result<()> {
+        let m = self.method;
+        let bits = self.bits.unwrap_or(m.default_bits());
+        if !m.supports_bits(bits) {
+            return Err(PipelineError::option(
+                "--bits",
+                format!(
+                    "{bits} is not supported by {m} (use {})",
+                    m.supported_bits()
+                ),
+            ));
+        }
+        if !m.uses_gptq() {
+            let gptq_only = [
+                (self.act_order, "--act-order"),
+                (self.static_groups, "--static-groups"),
+                (self.damp.is_some(), "--damp"),
+                (self.block_size.is_some(), "--block-size"),
+            ];
+            if let Some((_, flag)) = gptq_only.iter().find(|(on, _)| *on) {
+                return Err(PipelineError::option(
+                    *flag,
+                    format!("only GPTQ uses it (--method gptq or awq+gptq), not {m}"),
+                ));
+            }
+        }
+        if self.static_groups && !self.act_order {
+            // harmless but meaningless: groups are static without act-order anyway
+        }
+        if let Some(d) = self.damp {
+            if !(d.is_finite() && d >= 0.0) {
+                return Err(PipelineError::option(
+                    "--damp",
+                    format!("{d}: use a fraction >= 0 (e.g. 0.01)"),
+                ));
+            }
+        }
+        if self.block_size == Some(0) {
+            return Err(PipelineError::option(
+                "--block-size",
+                "0: use a positive number of columns (e.g. 128)",
+            ));
+        }
+        if self.mse && !m.is_uniform() {
+            return Err(PipelineError::option(
+                "--mse",
+                format!("the MSE range search is for integer grids, not {m}"),
+            ));
+        }
+        if !self.sym && !m.is_uniform() {
+            return Err(PipelineError::option(
+                "--asym",
+                format!("{m} has no zero point (it is symmetric by construction)"),
+            ));
+        }
+        if self.double_quant && !matches!(m, Method::Nf4 | Method::Fp4) {
+            return Err(PipelineError::option(
+                "--double-quant",
+                format!("only nf4 and fp4 double-quantize their absmax, not {m}"),
+            ));
+        }
+        if let Some(t) = self.int8_threshold {
+            if m != Method::Int8 {
+                return Err(PipelineError::option(
+                    "--int8-threshold",
+                    format!("only int8 uses it, not {m}"),
+                ));
+            }
+            if !(t.is_finite() && t > 0.0) {
+                return Err(PipelineError::option(
+                    "--int8-threshold",
+                    format!("{t}: use a positive number (6.0)"),
+                ));
+            }
+        }
+        if let Some(g) = self.group_size {
+            Granularity::from_group_size(g).map_err(|_| {
+                PipelineError::option(
+                    "--group-size",
+                    format!("{g}: use -1 (one group per row) or a positive number of columns"),
+                )
+            })?;
+            if matches!(m, Method::Int8 | Method::Fp8) && g != -1 {
+                return Err(PipelineError::option(
+                    "--group-size",
+                    format!("{m} has one scale per output row: use -1 (or leave it out), not {g}"),
+                ));
+            }
+        }
+        if self.nsamples == 0 {
+            return Err(PipelineError::option(
+                "--nsamples",
+                "0: use at least 1 calibration window",
+            ));
+        }
+        if self.seqlen < 2 {
+            return Err(PipelineError::option(
+                "--seqlen",
+                format!("{}: use at least 2 tokens", self.seqlen),
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(PipelineError::option(
+                "--batch-size",
+                "0: use at least 1 window per batch",
+            ));
+        }
+        if m.uses_awq() && self.awq_samples == 0 {
+            return Err(PipelineError::option(
+                "--awq-samples",
+                "0: use at least 1 window",
+            ));
+        }
+        if self.awq_fold_only && !m.uses_awq() {
+            return Err(PipelineError::option(
+                "awq_fold_only",
+                format!("needs an AWQ method, not {m}"),
+            ));
+        }
+        for o in &self.overrides {
+            if let Some(b) = o.bits {
+                if !m.supports_bits(b) {
+                    return Err(PipelineError::option(
+                        "--override",
+                        format!(
+                            "`{}`: {b} bits are not supported by {m} (use {})",
+                            o.pattern,
+                            m.supported_bits()
+                        ),
+                    ));
+                }
+            }
+            if (o.act_order.is_some() || o.damp.is_some()) && !m.uses_gptq() {
+                return Err(PipelineError::option(
+                    "--override",
+                    format!(
+                        "`{}`: act_order and damp are GPTQ settings; {m} does not use them",
+                        o.pattern
+                    ),
+                ));
+            }
+            if o.sym == Some(false) && !m.is_uniform() {
+                return Err(PipelineError::option(
+                    "--override",
+                    format!("`{}`: {m} has no zero point", o.pattern),
+                ));
+            }
+            if let Some(g) = o.group_size {
+                if g == 0 || g < -1 || (matches!(m, Method::Int8 | Method::Fp8) && g != -1) {
+                    return Err(PipelineError::option(
+                        "--override",
+                        format!("`{}`: group size {g} is not valid for {m}", o.pattern),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves the settings of every block linear of a model with `cfg`; errors before any
+    /// work on options that do not fit (bits, group sizes that do not divide a layer's input
+    /// width, patterns that match nothing).
+    ///
+    /// ```
+    /// use quantlab_pipeline::{Method, QuantizeConfig};
+    /// let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+    ///   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300}"#;
+    /// let mc = quantlab_models::LlamaConfig::from_hf_json(json, "config.json").unwrap();
+    /// let cfg = QuantizeConfig { method: Method::Rtn, group_size: Some(32), ..Default::default() };
+    /// let plan = cfg.plan(&mc).unwrap();
+    /// assert_eq!(plan.layers.len(), 14);
+    /// // 4-bit codes plus one f16 scale per 32 weights
+    /// assert!((plan.layers[0].estimated_bits_per_weight() - 4.5).abs() < 1e-12);
+    /// let bad = QuantizeConfig { group_size: Some(64), ..cfg };
+    /// assert!(bad.plan(&mc).unwrap_err().to_string().contains("down_proj"));
+    /// ```
+    pub fn plan(&self, mc: &LlamaConfig) -> Result<Plan> {
+        self.validate()?;
+        let m = self.method;
+        let bits = self.bits.unwrap_or(m.default_bits());
+        let group_size = self.group_size.unwrap_or(m.default_group_size());
+        let d = mc.hidden_size;
+        let q_out = mc.num_attention_heads * mc.head_dim;
+        let kv_out = mc.num_key_value_heads * mc.head_dim;
+        let shapes = [
+            (q_out, d),
+            (kv_out, d),
+            (kv_out, d),
+            (d, q_out),
+            (mc.intermediate_size, d),
+            (mc.intermediate_size, d),
+            (d, mc.intermediate_size),
+        ];
+        let mut layers = Vec::new();
+        let mut used_skip = vec![false; self.skip.len()];
+        let mut used_override = vec![false; self.overrides.len()];
+        for block in 0..mc.num_hidden_layers {
+            for (kind, l) in BLOCK_LINEARS.iter().enumerate() {
+                let name = format!("model.layers.{block}.{l}");
+                let mut skip = false;
+                for (i, p) in self.skip.iter().enumerate() {
+                    if matches(p, &name) {
+                        skip = true;
+                        used_skip[i] = true;
+                    }
+                }
+                let (mut b, mut g, mut sym, mut ao, mut damp) = (
+                    bits,
+                    group_size,
+                    self.sym,
+                    self.act_order,
+                    self.damp.unwrap_or(0.01),
+                );
+                for (i, o) in self.overrides.iter().enumerate() {
+                    if matches(&o.pattern, &name) {
+                        used_override[i] = true;
+                        b = o.bits.unwrap_or(b);
+                        g = o.group_size.unwrap_or(g);
+                        sym = o.sym.unwrap_or(sym);
+                        ao = o.act_order.unwrap_or(ao);
+                        damp = o.damp.unwrap_or(damp);
+                    }
+                }
+                let shape = shapes[kind];
+                let granularity = Granularity::from_group_size(g)?;
+                if !skip {
+                    if let Granularity::Group(gl) = granularity {
+                        if shape.1 % gl != 0 {
+                            return Err(PipelineError::option(
+                                "--group-size",
+                                format!(
+                                    "{gl} does not divide the {} input columns of `{name}`; use a divisor of {} (or -1), or --skip / --override it",
+                                    shape.1, shape.1
+                                ),
+                            ));
+                        }
+                    }
+                }
+                let spec = self.spec(b, sym)?;
+                layers.push(LayerPlan {
+                    name,
+                    block,
+                    kind,
+                    shape,
+                    skip,
+                    bits: b,
+                    group_size: g,
+                    sym,
+                    act_order: ao,
+                    damp,
+                    spec,
+                    granularity,
+                });
+            }
+        }
+        if let Some(i) = used_skip.iter().position(|u| !u) {
+            return Err(PipelineError::option(
+                "--skip",
+                format!("`{}` matches no linear of the blocks (names look like model.layers.0.mlp.down_proj)", self.skip[i]),
+            ));
+        }
+        if let Some(i) = used_override.iter().position(|u| !u) {
+            return Err(PipelineError::option(
+                "--override",
+                format!(
+                    "`{}` matches no linear of the blocks",
+                    self.overrides[i].pattern
+                ),
+            ));
+        }
+        let mut notes = Vec::new();
+        if m.uses_awq() {
+            if mc.num_key_value_heads != mc.num_attention_heads {
+                notes.push(format!(
+                    "AWQ: v_proj -> o_proj scaling skipped: the model uses grouped-query attention ({} KV heads for {} heads)",
+                    mc.num_key_value_heads, mc.num_attention_heads
+                ));
+            }
+            if m == Method::AwqGptq {
+                notes.push("awq+gptq: AWQ scales only (no clipping), then GPTQ on the scaled weights with the Hessians of the block's float forward".into());
+            }
+        }
+        if !m.needs_calibration() {
+            notes.push(format!("{m}: the calibration data only measures each layer's output error (one capture per block)"));
+        }
+        Ok(Plan {
+            method: m,
+            bits,
+            group_size,
+            layers,
+            notes,
+        })
+    }
+
+    /// The number format for `bits` / `sym` under this method.
+    pub fn spec(&self, bits: u32, sym: bool) -> Result<FormatSpec> {
+        Ok(match self.method {
+            Method::Nf4 => FormatSpec::Nf4,
+            Method::Fp4 => FormatSpec::Fp4,
+            Method::Int8 => FormatSpec::Int8,
+            Method::Fp8 => FormatSpec::Fp8(Fp8Kind::E4M3),
+            _ => {
+                let g = UniformGrid::new(bits, sym)?;
+                FormatSpec::Uniform(if self.mse {
+                    g.with_clip(MseClip::default())
+                } else {
+                    g
+                })
+            }
+        })
+    }
+
+    /// Double quantization settings when on.
+    pub fn double_quant(&self) -> Option<DoubleQuant> {
+        self.double_quant.then(DoubleQuant::default)
+    }
+}

@@ -1,0 +1,947 @@
+//! The sequential layer-wise driver (GPTQ paper, section 4 "Implementation" / the reference
+//! `llama_sequential`): calibration windows are embedded once; then, block after block, the
+//! inputs of the block's linears are captured with a [`CaptureHook`], accumulated into one
+//! Hessian per distinct input (q/k/v share one, gate/up share one, o, down), the linears are
+//! quantized and replaced, and the block is run again with its quantized weights to give the
+//! next block's inputs. Only the hidden states at the current block boundary are kept (one
+//! `[windows, seqlen, hidden]` set); the calibration windows go through the block in
+//! mini-batches.
+//!
+//! # True-sequential order (GPTQ methods)
+//! Groups `[q, k, v]`, `[o]`, `[gate, up]`, `[down]`: each group's inputs are captured with the
+//! groups before it already quantized. The re-runs are made cheap by replacing the linears
+//! that cannot influence the captured input with a zero stub for the capture pass (e.g. when
+//! capturing `o_proj`'s input only q, k, v and the attention are computed for real).
+//!
+//! # RTN-like methods (rtn, nf4, fp4, int8, fp8)
+//! Their weights do not depend on the data: one capture per block (all four inputs, the
+//! block's float weights) measures each layer's output error.
+//!
+//! # AWQ (AutoAWQ's order inside a block)
+//! One float forward captures the statistics of the four inputs (mean `|x|`, `H`, and 512
+//! stride-sampled rows for the clip search). The scales are searched on the float block:
+//! `input_layernorm -> [q, k, v]` scored on the attention output (block output with the MLP
+//! stubbed), `v -> o` (only without grouped-query attention; otherwise skipped) scored on
+//! `o`'s output, `post_attention_layernorm -> [gate, up]` scored on the block output, and
+//! `up -> down` scored on `down`'s output; the block-level scores use the first
+//! `awq_samples` windows. Then all scales are applied, the clip search runs on every linear
+//! but q and k (scaled weights, scaled inputs), and the weights are quantized (RTN, or GPTQ
+//! with the scaled Hessian `diag(1/s) H diag(1/s)` for `awq+gptq`, which skips the clipping).
+//! In memory the norms stay as they are and the linears fed by a norm hold
+//! `Q(W diag(s)) diag(1/s)`; the saved checkpoint folds `1/s` into the norm instead.
+#![allow(non_snake_case)]
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+use quantlab_grids::QuantizedLinear;
+use quantlab_models::{CaptureHook, Linear, LlamaModel, BLOCK_LINEARS};
+use quantlab_solvers::awq::{self, AwqParams, AwqStats};
+use quantlab_solvers::gptq::{gptq, GptqParams};
+use quantlab_solvers::hessian::{Counting, Hessian};
+use quantlab_solvers::{rel_output_error, rtn::rtn, SolveReport};
+use serde::Serialize;
+
+use crate::config::{LayerPlan, Method, Plan, QuantizeConfig};
+use crate::error::TensorContext;
+use crate::{PipelineError, Result};
+
+/// Indices into [`BLOCK_LINEARS`].
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// The true-sequential groups, and for each the linears stubbed during its capture.
+const GROUPS: [(&[usize], &[usize]); 4] = [
+    (&[Q, K, V], &[Q, K, V, O, GATE, UP, DOWN]),
+    (&[O], &[O, GATE, UP, DOWN]),
+    (&[GATE, UP], &[GATE, UP, DOWN]),
+    (&[DOWN], &[DOWN]),
+];
+
+/// Where the seconds went.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// Embedding and block forwards (captures and the re-runs that give the next inputs).
+    pub forward: f64,
+    /// Converting captured inputs and accumulating the Hessians / AWQ statistics.
+    pub hessian: f64,
+    /// The layer solvers (GPTQ, RTN, AWQ quantization) and the error measurement.
+    pub solver: f64,
+    /// AWQ scale and clip searches (their forwards included).
+    pub awq_search: f64,
+    /// Everything in the driver.
+    pub total: f64,
+}
+
+/// The result of one linear.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    /// Full name.
+    pub name: String,
+    /// `(out, in)`.
+    pub shape: (usize, usize),
+    /// Left in full precision.
+    pub skipped: bool,
+    /// The format's name (`int4-sym`, `nf4`, ...).
+    pub format: String,
+    /// Bit width of the codes.
+    pub bits: u32,
+    /// Group size (`-1` = per row).
+    pub group_size: i64,
+    /// `tr(D H D^T) / tr(W H W^T)` with the captured (undamped) `H`; for AWQ in the scaled
+    /// domain (`W diag(s)` against inputs `x / s`), which is the same number for linears fed
+    /// by a norm.
+    pub rel_output_error: f64,
+    /// Absolute damping used (GPTQ; 0 otherwise).
+    pub damp: f64,
+    /// Damping fraction used after retries.
+    pub damp_percent: f64,
+    /// Number of automatic damping retries.
+    pub damp_retries: usize,
+    /// Solver seconds.
+    pub seconds: f64,
+    /// Bits per weight, codes + parameters + non-trivial `g_idx` (16 for skipped linears,
+    /// counted as f16).
+    pub bits_per_weight: f64,
+    /// AWQ: the chosen exponent of the scale search that scaled this linear's input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub awq_alpha: Option<f64>,
+}
+
+/// A quantized linear as the driver leaves it.
+#[derive(Clone, Debug)]
+pub struct QuantizedLayer {
+    /// Full name.
+    pub name: String,
+    /// The codes and parameters (`None` when skipped, or for AWQ fold-only runs). For AWQ
+    /// these are the codes of the scaled weight `W'`.
+    pub linear: Option<QuantizedLinear>,
+    /// AWQ: the scale `s` its input columns were multiplied by.
+    pub input_scale: Option<Array1<f32>>,
+    /// AWQ: the part of `input_scale` that lives in the preceding norm in the checkpoint
+    /// (the model in memory holds `W' diag(1/s)` instead).
+    pub norm_scale: Option<Array1<f32>>,
+}
+
+/// What the driver returns besides the modified model.
+#[derive(Clone, Debug)]
+pub struct DriverOutput {
+    /// One entry per block linear, forward order.
+    pub layers: Vec<QuantizedLayer>,
+    /// One report per block linear.
+    pub reports: Vec<LayerReport>,
+    /// AWQ: norm tensor name -> scale to divide the norm weight by in the checkpoint.
+    pub norm_scales: BTreeMap<String, Array1<f32>>,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// How the driver talks to the outside: progress bars and cancellation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Control<'a> {
+    /// Draw progress bars on stderr.
+    pub progress: bool,
+    /// Set (e.g. by a Ctrl-C handler) to stop at the next layer boundary with
+    /// [`PipelineError::Interrupted`].
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl Control<'_> {
+    fn check(&self) -> Result<()> {
+        match self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(PipelineError::Interrupted),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A linear that returns zeros: stands in for linears whose output cannot influence the
+/// input being captured.
+#[derive(Debug)]
+struct ZeroLinear {
+    out: usize,
+    inp: usize,
+}
+
+impl Linear for ZeroLinear {
+    fn forward(&self, x: &Tensor) -> quantlab_models::Result<Tensor> {
+        Ok(Tensor::zeros(
+            (x.dims()[0], self.out),
+            DType::F32,
+            &Device::Cpu,
+        )?)
+    }
+    fn in_features(&self) -> usize {
+        self.inp
+    }
+    fn out_features(&self) -> usize {
+        self.out
+    }
+    fn weight(&self) -> quantlab_models::Result<Tensor> {
+        Ok(Tensor::zeros(
+            (self.out, self.inp),
+            DType::F32,
+            &Device::Cpu,
+        )?)
+    }
+    fn bias(&self) -> Option<Tensor> {
+        None
+    }
+    fn kind(&self) -> &'static str {
+        "zero-stub"
+    }
+}
+
+/// `[rows, cols]` tensor to an ndarray.
+pub fn to_array(t: &Tensor) -> Result<Array2<f32>> {
+    let (r, c) = t.dims2().ctx("tensor to array")?;
+    let v = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .ctx("tensor to array")?;
+    Ok(Array2::from_shape_vec((r, c), v).expect("dims2 gave the size"))
+}
+
+/// An ndarray to a `[rows, cols]` f32 tensor on the CPU.
+pub fn to_tensor(a: ArrayView2<f32>) -> Result<Tensor> {
+    let std = a.as_standard_layout();
+    Tensor::from_slice(
+        std.as_slice().expect("standard layout"),
+        a.dim(),
+        &Device::Cpu,
+    )
+    .ctx("array to tensor")
+}
+
+fn block_name(block: usize, kind: usize) -> String {
+    format!("model.layers.{block}.{}", BLOCK_LINEARS[kind])
+}
+
+/// Runs `f` with the listed linears of block `i` replaced by zero stubs, restoring them after
+/// (also on error).
+fn with_stubs<R>(
+    model: &mut LlamaModel,
+    i: usize,
+    kinds: &[usize],
+    f: impl FnOnce(&LlamaModel) -> Result<R>,
+) -> Result<R> {
+    let mut saved = Vec::new();
+    for &k in kinds {
+        let name = block_name(i, k);
+        let l = model.linear(&name)?;
+        let stub = ZeroLinear {
+            out: l.out_features(),
+            inp: l.in_features(),
+        };
+        saved.push((name.clone(), model.replace_linear(&name, Box::new(stub))?));
+    }
+    let r = f(model);
+    for (name, old) in saved {
+        model.replace_linear(&name, old)?;
+    }
+    r
+}
+
+/// Block `i` on every mini-batch.
+fn forward_all(
+    model: &LlamaModel,
+    i: usize,
+    inps: &[Tensor],
+    mut hook: Option<&mut CaptureHook<'_>>,
+) -> Result<Vec<Tensor>> {
+    inps.iter()
+        .map(|h| Ok(model.block_forward(i, h, 0, None, hook.as_deref_mut())?))
+        .collect()
+}
+
+/// Mean squared difference of two lists of equally shaped tensors.
+fn mse(a: &[Tensor], b: &[Tensor]) -> Result<f64> {
+    let mut s = 0.0;
+    let mut n = 0usize;
+    for (x, y) in a.iter().zip(b) {
+        let d = (x - y)
+            .and_then(|d| d.sqr())
+            .and_then(|d| d.sum_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .ctx("awq loss")?;
+        s += d as f64;
+        n += x.elem_count();
+    }
+    Ok(s / n.max(1) as f64)
+}
+
+/// The statistics captured for one input of a block.
+struct Capture {
+    H: Hessian,
+    abs_sum: Vec<f64>,
+    clip_rows: Vec<f32>,
+    rows_seen: usize,
+}
+
+impl Capture {
+    fn new(dim: usize) -> Self {
+        Self {
+            H: Hessian::new(dim).with_counting(Counting::Tokens),
+            abs_sum: Vec::new(),
+            clip_rows: Vec::new(),
+            rows_seen: 0,
+        }
+    }
+
+    fn awq_stats(&self) -> Result<AwqStats> {
+        let d = self.H.dim();
+        let t = self.H.tokens().max(1) as f64;
+        let x_mean = Array1::from_shape_fn(d, |j| (self.abs_sum[j] / t) as f32);
+        let rows = self.clip_rows.len() / d;
+        let X = ArrayView2::from_shape((rows, d), &self.clip_rows).expect("whole rows");
+        let mut hc = Hessian::new(d).with_counting(Counting::Tokens);
+        hc.add_batch(X, 1)
+            .map_err(|e| PipelineError::solver("awq clip sample", e))?;
+        Ok(AwqStats {
+            x_mean,
+            H: self.H.finish(),
+            H_clip: hc.finish(),
+        })
+    }
+}
+
+/// Captures the inputs of the `targets` linears of block `i` over every mini-batch, with the
+/// `stub` linears replaced by zeros. With `awq`, also mean `|x|` and every `clip_stride`-th
+/// row for the clip search.
+fn capture(
+    model: &mut LlamaModel,
+    i: usize,
+    inps: &[Tensor],
+    targets: &[usize],
+    stub: &[usize],
+    awq: Option<usize>,
+    t: &mut Timings,
+) -> Result<BTreeMap<usize, Capture>> {
+    let t0 = Instant::now();
+    let names: Vec<String> = targets.iter().map(|&k| block_name(i, k)).collect();
+    let mut caps: BTreeMap<usize, Capture> = BTreeMap::new();
+    for &k in targets {
+        let l = model.linear(&block_name(i, k))?;
+        caps.insert(k, Capture::new(l.in_features()));
+    }
+    let caps = RefCell::new(caps);
+    let err: RefCell<Option<PipelineError>> = RefCell::new(None);
+    let hess_s = Cell::new(0.0f64);
+    let seqs = inps.first().map_or(1, |h| h.dims()[0]);
+    {
+        let mut hook = CaptureHook::new(names.clone(), |name: &str, x: &Tensor| {
+            if err.borrow().is_some() {
+                return;
+            }
+            let th = Instant::now();
+            let r = (|| -> Result<()> {
+                let k = names
+                    .iter()
+                    .position(|n| n == name)
+                    .map(|p| targets[p])
+                    .expect("hooked name");
+                let X = to_array(x)?;
+                let mut caps = caps.borrow_mut();
+                let c = caps.get_mut(&k).expect("capture");
+                c.H.add_batch(X.view(), seqs)
+                    .map_err(|e| PipelineError::solver(name, e))?;
+                if let Some(stride) = awq {
+                    let d = X.ncols();
+                    if c.abs_sum.is_empty() {
+                        c.abs_sum = vec![0.0; d];
+                    }
+                    for row in X.rows() {
+                        for (a, &v) in c.abs_sum.iter_mut().zip(row.iter()) {
+                            *a += v.abs() as f64;
+                        }
+                        if c.rows_seen % stride == 0 {
+                            c.clip_rows.extend(row.iter());
+                        }
+                        c.rows_seen += 1;
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = r {
+                *err.borrow_mut() = Some(e);
+            }
+            hess_s.set(hess_s.get() + th.elapsed().as_secs_f64());
+        });
+        with_stubs(model, i, stub, |m| {
+            forward_all(m, i, inps, Some(&mut hook)).map(|_| ())
+        })?;
+    }
+    if let Some(e) = err.into_inner() {
+        return Err(e);
+    }
+    let total = t0.elapsed().as_secs_f64();
+    t.hessian += hess_s.get();
+    t.forward += total - hess_s.get();
+    Ok(caps.into_inner())
+}
+
+fn weight_of(model: &LlamaModel, name: &str) -> Result<Array2<f32>> {
+    to_array(&model.linear(name)?.weight()?)
+}
+
+fn set(model: &mut LlamaModel, name: &str, w: ArrayView2<f32>) -> Result<()> {
+    model.set_weight(name, to_tensor(w)?)?;
+    Ok(())
+}
+
+/// Quantize one weight with the plan's solver: GPTQ for the GPTQ methods, RTN otherwise.
+fn solve(
+    lp: &LayerPlan,
+    method: Method,
+    cfg: &QuantizeConfig,
+    W: ArrayView2<f32>,
+    H: ArrayView2<f32>,
+) -> Result<(QuantizedLinear, SolveReport)> {
+    let (lin, rep) = if method.uses_gptq() {
+        let p = GptqParams {
+            block_size: cfg.block_size.unwrap_or(128),
+            damp_percent: lp.damp,
+            act_order: lp.act_order,
+            static_groups: cfg.static_groups,
+            granularity: lp.granularity,
+            ..Default::default()
+        };
+        gptq(W, H, &lp.spec, &p)
+    } else {
+        rtn(W, None, &lp.spec, lp.granularity)
+    }
+    .map_err(|e| PipelineError::solver(&lp.name, e))?;
+    let lin = match cfg.double_quant() {
+        Some(dq) => lin.with_double_quant(dq)?,
+        None => lin,
+    };
+    Ok((lin, rep))
+}
+
+fn report(
+    lp: &LayerPlan,
+    lin: Option<&QuantizedLinear>,
+    rep: Option<&SolveReport>,
+    rel: f64,
+    seconds: f64,
+) -> LayerReport {
+    LayerReport {
+        name: lp.name.clone(),
+        shape: lp.shape,
+        skipped: lp.skip,
+        format: if lp.skip {
+            "f32".into()
+        } else {
+            lp.spec.build().name()
+        },
+        bits: if lp.skip {
+            16
+        } else {
+            lp.spec.build().code_bits()
+        },
+        group_size: lp.group_size,
+        rel_output_error: rel,
+        damp: rep.map_or(0.0, |r| r.damp),
+        damp_percent: rep.map_or(0.0, |r| r.damp_percent),
+        damp_retries: rep.map_or(0, |r| r.damp_retries.len()),
+        seconds,
+        bits_per_weight: lin.map_or(16.0, |l| l.bits_per_weight()),
+        awq_alpha: None,
+    }
+}
+
+fn bars(plan: &Plan, n_blocks: usize, show: bool) -> (MultiProgress, ProgressBar, ProgressBar) {
+    let mp = MultiProgress::with_draw_target(if show {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = |t: &str| {
+        ProgressStyle::with_template(t)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ")
+    };
+    let blocks = mp.add(ProgressBar::new(n_blocks as u64));
+    blocks.set_style(style(
+        "blocks  [{bar:30}] {pos}/{len}  {elapsed_precise} ETA {eta_precise}  {msg}",
+    ));
+    let n_lin = plan.layers.iter().filter(|l| !l.skip).count();
+    let layers = mp.add(ProgressBar::new(n_lin as u64));
+    layers.set_style(style("linears [{bar:30}] {pos}/{len}  ETA {eta}  {msg}"));
+    (mp, blocks, layers)
+}
+
+/// Quantizes every block linear of `model` in place (see the module documentation), with
+/// `windows` as calibration (equally long token sequences).
+pub fn quantize_model(
+    model: &mut LlamaModel,
+    windows: &[Vec<u32>],
+    plan: &Plan,
+    cfg: &QuantizeConfig,
+    ctl: Control<'_>,
+) -> Result<DriverOutput> {
+    let t_all = Instant::now();
+    let n_blocks = model.n_blocks();
+    if plan.layers.len() != n_blocks * BLOCK_LINEARS.len() {
+        return Err(PipelineError::option(
+            "plan",
+            format!(
+                "the plan has {} linears, the model {}",
+                plan.layers.len(),
+                n_blocks * BLOCK_LINEARS.len()
+            ),
+        ));
+    }
+    if windows.is_empty() {
+        return Err(PipelineError::option(
+            "calibration",
+            "no calibration windows",
+        ));
+    }
+    let seqlen = windows[0].len();
+    if windows.iter().any(|w| w.len() != seqlen) {
+        return Err(PipelineError::option(
+            "calibration",
+            "windows must be equally long",
+        ));
+    }
+    let mut t = Timings::default();
+    let (_mp, bar_blocks, bar_layers) = bars(plan, n_blocks, ctl.progress);
+
+    // embed in mini-batches
+    let t0 = Instant::now();
+    let mut inps = Vec::new();
+    for chunk in windows.chunks(cfg.batch_size.max(1)) {
+        let refs: Vec<&[u32]> = chunk.iter().map(|w| w.as_slice()).collect();
+        inps.push(model.embed(&refs)?);
+    }
+    t.forward += t0.elapsed().as_secs_f64();
+    let total_rows = windows.len() * seqlen;
+    let clip_stride = (total_rows / 512).max(1);
+
+    let mut layers: Vec<QuantizedLayer> = Vec::new();
+    let mut reports: Vec<LayerReport> = Vec::new();
+    let mut norm_scales = BTreeMap::new();
+    for i in 0..n_blocks {
+        ctl.check()?;
+        bar_blocks.set_message(format!("block {i}"));
+        let lps = &plan.layers[i * 7..(i + 1) * 7];
+        let mut out: Vec<Option<(QuantizedLayer, LayerReport)>> = vec![None; 7];
+        if cfg.method.uses_awq() {
+            awq_block(
+                model,
+                i,
+                &inps,
+                lps,
+                cfg,
+                clip_stride,
+                &mut out,
+                &mut norm_scales,
+                &mut t,
+                &bar_layers,
+                &ctl,
+            )?;
+        } else {
+            let sequential = cfg.true_sequential && cfg.method.needs_calibration();
+            let passes: Vec<(Vec<usize>, Vec<usize>)> = if sequential {
+                GROUPS
+                    .iter()
+                    .map(|(g, s)| (g.to_vec(), s.to_vec()))
+                    .collect()
+            } else {
+                vec![((0..7).collect(), vec![])]
+            };
+            for (group, stub) in passes {
+                ctl.check()?;
+                let active: Vec<usize> = group.iter().copied().filter(|&k| !lps[k].skip).collect();
+                if active.is_empty() {
+                    continue;
+                }
+                // one capture per distinct input: q/k/v and gate/up share theirs
+                let mut targets: Vec<usize> = Vec::new();
+                for &k in &active {
+                    let rep = input_of(k);
+                    if !targets.iter().any(|&x| input_of(x) == rep) {
+                        targets.push(k);
+                    }
+                }
+                bar_layers.set_message(format!("block {i}: capturing {}", group_label(&active)));
+                let caps = capture(model, i, &inps, &targets, &stub, None, &mut t)?;
+                for &k in &active {
+                    ctl.check()?;
+                    let lp = &lps[k];
+                    bar_layers.set_message(format!("block {i}: {}", BLOCK_LINEARS[k]));
+                    let src = targets
+                        .iter()
+                        .copied()
+                        .find(|&x| input_of(x) == input_of(k))
+                        .expect("target");
+                    let H = caps[&src].H.finish();
+                    let ts = Instant::now();
+                    let W = weight_of(model, &lp.name)?;
+                    let (lin, rep) = solve(lp, cfg.method, cfg, W.view(), H.view())?;
+                    let Qw = lin.dequantize();
+                    let rel = rel_output_error(W.view(), Qw.view(), H.view())
+                        .map_err(|e| PipelineError::solver(&lp.name, e))?;
+                    set(model, &lp.name, Qw.view())?;
+                    let secs = ts.elapsed().as_secs_f64();
+                    t.solver += secs;
+                    let r = report(lp, Some(&lin), Some(&rep), rel, secs);
+                    out[k] = Some((
+                        QuantizedLayer {
+                            name: lp.name.clone(),
+                            linear: Some(lin),
+                            input_scale: None,
+                            norm_scale: None,
+                        },
+                        r,
+                    ));
+                    bar_layers.inc(1);
+                }
+            }
+        }
+        for (k, o) in out.into_iter().enumerate() {
+            let (ql, r) = o.unwrap_or_else(|| {
+                let lp = &lps[k];
+                (
+                    QuantizedLayer {
+                        name: lp.name.clone(),
+                        linear: None,
+                        input_scale: None,
+                        norm_scale: None,
+                    },
+                    report(lp, None, None, 0.0, 0.0),
+                )
+            });
+            layers.push(ql);
+            reports.push(r);
+        }
+        // the quantized block's output is the next block's input
+        if i + 1 < n_blocks {
+            ctl.check()?;
+            bar_layers.set_message(format!("block {i}: output"));
+            let tf = Instant::now();
+            inps = forward_all(model, i, &inps, None)?;
+            t.forward += tf.elapsed().as_secs_f64();
+        }
+        bar_blocks.inc(1);
+    }
+    bar_layers.finish_and_clear();
+    bar_blocks.finish_and_clear();
+    t.total = t_all.elapsed().as_secs_f64();
+    Ok(DriverOutput {
+        layers,
+        reports,
+        norm_scales,
+        timings: t,
+    })
+}
+
+/// Which linears share an input: q/k/v -> 0, o -> 3, gate/up -> 4, down -> 6.
+fn input_of(k: usize) -> usize {
+    match k {
+        Q | K | V => Q,
+        GATE | UP => GATE,
+        other => other,
+    }
+}
+
+fn group_label(kinds: &[usize]) -> String {
+    kinds
+        .iter()
+        .map(|&k| BLOCK_LINEARS[k].rsplit('.').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `diag(1/s) H diag(1/s)`: the Hessian of inputs divided by `s`.
+fn scale_hessian(H: &Array2<f32>, s: &Array1<f32>) -> Array2<f32> {
+    let n = s.len();
+    Array2::from_shape_fn((n, n), |(i, j)| H[[i, j]] / (s[i] * s[j]))
+}
+
+fn first_windows(inps: &[Tensor], n: usize) -> Result<Vec<Tensor>> {
+    let mut left = n;
+    let mut out = Vec::new();
+    for h in inps {
+        if left == 0 {
+            break;
+        }
+        let b = h.dims()[0];
+        let take = b.min(left);
+        out.push(if take == b {
+            h.clone()
+        } else {
+            h.narrow(0, 0, take).ctx("awq subset")?
+        });
+        left -= take;
+    }
+    Ok(out)
+}
+
+/// One block of AWQ / AWQ+GPTQ (see the module documentation).
+fn awq_block(
+    model: &mut LlamaModel,
+    i: usize,
+    inps: &[Tensor],
+    lps: &[LayerPlan],
+    cfg: &QuantizeConfig,
+    clip_stride: usize,
+    out: &mut [Option<(QuantizedLayer, LayerReport)>],
+    norm_scales: &mut BTreeMap<String, Array1<f32>>,
+    t: &mut Timings,
+    bar: &ProgressBar,
+    ctl: &Control<'_>,
+) -> Result<()> {
+    let cfgm = model.config().clone();
+    let gqa = cfgm.num_key_value_heads != cfgm.num_attention_heads;
+    bar.set_message(format!("block {i}: capturing (float block)"));
+    let caps = capture(
+        model,
+        i,
+        inps,
+        &[Q, O, GATE, DOWN],
+        &[],
+        Some(clip_stride),
+        t,
+    )?;
+    let stats: BTreeMap<usize, AwqStats> = caps
+        .iter()
+        .map(|(&k, c)| Ok((k, c.awq_stats()?)))
+        .collect::<Result<_>>()?;
+    let W0: Vec<Array2<f32>> = (0..7)
+        .map(|k| weight_of(model, &lps[k].name))
+        .collect::<Result<_>>()?;
+    let ts = Instant::now();
+    let subset = first_windows(inps, cfg.awq_samples)?;
+    let tf = Instant::now();
+    let ref_attn = with_stubs(model, i, &[GATE, UP, DOWN], |m| {
+        forward_all(m, i, &subset, None)
+    })?;
+    let ref_full = forward_all(model, i, &subset, None)?;
+    t.forward += tf.elapsed().as_secs_f64();
+    let params_for = |k: usize| AwqParams {
+        granularity: lps[k].granularity,
+        ..Default::default()
+    };
+    let ones = |n: usize| Array1::<f32>::ones(n);
+    let any_skipped = |ks: &[usize]| ks.iter().any(|&k| lps[k].skip);
+
+    // scale search with a block-level loss: set the candidate effective weights, run the
+    // subset through the block (with `stub` linears zeroed), compare with `reference`
+    let block_search = |model: &mut LlamaModel,
+                        kinds: &[usize],
+                        stub: &[usize],
+                        reference: &[Tensor],
+                        input: usize|
+     -> Result<(f64, Array1<f32>)> {
+        let views: Vec<ArrayView2<f32>> = kinds.iter().map(|&k| W0[k].view()).collect();
+        let format = lps[kinds[0]].spec.build();
+        let err: RefCell<Option<PipelineError>> = RefCell::new(None);
+        let names: Vec<String> = kinds.iter().map(|&k| lps[k].name.clone()).collect();
+        let r = {
+            let mut loss = |_a: f64, _s: &Array1<f32>, qs: &[Array2<f32>]| -> f64 {
+                let r = (|| -> Result<f64> {
+                    for (n, q) in names.iter().zip(qs) {
+                        set(model, n, q.view())?;
+                    }
+                    let outs = with_stubs(model, i, stub, |m| forward_all(m, i, &subset, None))?;
+                    mse(&outs, reference)
+                })();
+                r.unwrap_or_else(|e| {
+                    err.borrow_mut().get_or_insert(e);
+                    f64::INFINITY
+                })
+            };
+            awq::search_scales(
+                &views,
+                &stats[&input],
+                format.as_ref(),
+                &params_for(kinds[0]),
+                Some(&mut loss),
+            )
+        };
+        for (n, &k) in names.iter().zip(kinds) {
+            set(model, n, W0[k].view())?;
+        }
+        if let Some(e) = err.into_inner() {
+            return Err(e);
+        }
+        let (a, s, _) = r.map_err(|e| PipelineError::solver(&names[0], e))?;
+        Ok((a, s))
+    };
+    let d = cfgm.hidden_size;
+    let (mut a_qkv, mut a_vo, mut a_gu, mut a_down) = (None, None, None, None);
+    bar.set_message(format!("block {i}: AWQ scales q,k,v"));
+    let s_qkv = if any_skipped(&[Q, K, V]) {
+        ones(d)
+    } else {
+        let (a, s) = block_search(model, &[Q, K, V], &[GATE, UP, DOWN], &ref_attn, Q)?;
+        a_qkv = Some(a);
+        s
+    };
+    ctl.check()?;
+    let default_search = |kinds: &[usize], input: usize| -> Result<(f64, Array1<f32>)> {
+        let views: Vec<ArrayView2<f32>> = kinds.iter().map(|&k| W0[k].view()).collect();
+        let format = lps[kinds[0]].spec.build();
+        let (a, s, _) = awq::search_scales(
+            &views,
+            &stats[&input],
+            format.as_ref(),
+            &params_for(kinds[0]),
+            None,
+        )
+        .map_err(|e| PipelineError::solver(&lps[kinds[0]].name, e))?;
+        Ok((a, s))
+    };
+    // v -> o needs v's output rows to be o's input columns: no grouped-query attention
+    let s_vo = if gqa || any_skipped(&[V, O]) {
+        ones(W0[O].ncols())
+    } else {
+        bar.set_message(format!("block {i}: AWQ scales v->o"));
+        let (a, s) = default_search(&[O], O)?;
+        a_vo = Some(a);
+        s
+    };
+    bar.set_message(format!("block {i}: AWQ scales gate,up"));
+    let s_gu = if any_skipped(&[GATE, UP]) {
+        ones(d)
+    } else {
+        let (a, s) = block_search(model, &[GATE, UP], &[], &ref_full, GATE)?;
+        a_gu = Some(a);
+        s
+    };
+    ctl.check()?;
+    bar.set_message(format!("block {i}: AWQ scales up->down"));
+    let s_down = if any_skipped(&[UP, DOWN]) {
+        ones(W0[DOWN].ncols())
+    } else {
+        let (a, s) = default_search(&[DOWN], DOWN)?;
+        a_down = Some(a);
+        s
+    };
+    // apply: W' = diag(row scale) W diag(column scale)
+    let col = |k: usize| -> &Array1<f32> {
+        match k {
+            Q | K | V => &s_qkv,
+            O => &s_vo,
+            GATE | UP => &s_gu,
+            _ => &s_down,
+        }
+    };
+    let row_inv = |k: usize| -> Option<&Array1<f32>> {
+        match k {
+            V if a_vo.is_some() => Some(&s_vo),
+            UP if a_down.is_some() => Some(&s_down),
+            _ => None,
+        }
+    };
+    let alpha = |k: usize| match k {
+        Q | K | V => a_qkv,
+        O => a_vo,
+        GATE | UP => a_gu,
+        _ => a_down,
+    };
+    let Ws: Vec<Array2<f32>> = (0..7)
+        .map(|k| {
+            let mut w = &W0[k] * &col(k).view().insert_axis(Axis(0));
+            if let Some(r) = row_inv(k) {
+                w /= &r.view().insert_axis(Axis(1));
+            }
+            w
+        })
+        .collect();
+    let Hs: BTreeMap<usize, (Array2<f32>, Array2<f32>)> = [Q, O, GATE, DOWN]
+        .into_iter()
+        .map(|k| {
+            let st = &stats[&k];
+            (
+                k,
+                (
+                    scale_hessian(&st.H, col(k)),
+                    scale_hessian(&st.H_clip, col(k)),
+                ),
+            )
+        })
+        .collect();
+    t.awq_search += ts.elapsed().as_secs_f64();
+    for k in 0..7 {
+        ctl.check()?;
+        let lp = &lps[k];
+        let norm_fed = matches!(k, Q | K | V | GATE | UP);
+        let (H, Hc) = &Hs[&input_of(k)];
+        let mut mem = Ws[k].clone();
+        let mut lin = None;
+        let mut rep = None;
+        let mut rel = 0.0;
+        let secs;
+        if lp.skip {
+            secs = 0.0;
+        } else if cfg.awq_fold_only {
+            secs = 0.0;
+            bar.inc(1);
+        } else {
+            bar.set_message(format!("block {i}: {}", BLOCK_LINEARS[k]));
+            let tc = Instant::now();
+            let mut Wq = Ws[k].clone();
+            if cfg.method == Method::Awq && !matches!(k, Q | K) {
+                let format = lp.spec.build();
+                let c = awq::search_clip(Wq.view(), Hc.view(), format.as_ref(), &params_for(k))
+                    .map_err(|e| PipelineError::solver(&lp.name, e))?;
+                Wq = awq::apply(Wq.view(), &ones(Wq.ncols()), Some(&c), lp.granularity);
+            }
+            t.awq_search += tc.elapsed().as_secs_f64();
+            let tq = Instant::now();
+            let (l, r) = solve(lp, cfg.method, cfg, Wq.view(), H.view())?;
+            mem = l.dequantize();
+            rel = rel_output_error(Ws[k].view(), mem.view(), H.view())
+                .map_err(|e| PipelineError::solver(&lp.name, e))?;
+            secs = tq.elapsed().as_secs_f64();
+            t.solver += secs;
+            lin = Some(l);
+            rep = Some(r);
+            bar.inc(1);
+        }
+        // in memory, the norm keeps its weight: undo its share of the scale
+        if norm_fed {
+            mem /= &col(k).view().insert_axis(Axis(0));
+        }
+        set(model, &lp.name, mem.view())?;
+        let mut r = report(lp, lin.as_ref(), rep.as_ref(), rel, secs);
+        r.awq_alpha = alpha(k);
+        let scaled = !lp.skip;
+        out[k] = Some((
+            QuantizedLayer {
+                name: lp.name.clone(),
+                linear: lin,
+                input_scale: scaled.then(|| col(k).clone()),
+                norm_scale: (scaled && norm_fed).then(|| col(k).clone()),
+            },
+            r,
+        ));
+    }
+    if a_qkv.is_some() {
+        norm_scales.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            s_qkv.clone(),
+        );
+    }
+    if a_gu.is_some() {
+        norm_scales.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            s_gu.clone(),
+        );
+    }
+    Ok(())
+}

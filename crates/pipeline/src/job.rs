@@ -1,0 +1,512 @@
+//! `quantlab quantize` as one library call: check everything, load, calibrate, quantize,
+//! evaluate, save.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use quantlab_models::{perplexity, text, LlamaConfig, LlamaModel, LlamaTokenizer, PplParams};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::calib::{calibration_windows, Calibration};
+use crate::config::{Plan, QuantizeConfig};
+use crate::driver::{quantize_model, Control, DriverOutput};
+use crate::report::{CalibrationFacts, EvalFacts, JobTimings, QuantizeReport};
+use crate::save::{save_quantized, SaveInputs};
+use crate::source::{read_config, SourceModel};
+use crate::{PipelineError, Result};
+
+/// Perplexity evaluation before and after.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalSpec {
+    /// The text file (`.txt`, `.jsonl`, `.parquet`).
+    pub text: PathBuf,
+    /// Field / column.
+    pub field: Option<String>,
+    /// Window length (512).
+    pub ctx: usize,
+    /// At most this many windows (the first ones).
+    pub max_windows: Option<usize>,
+}
+
+/// A whole-model job.
+#[derive(Clone, Debug)]
+pub struct QuantizeJob {
+    /// A `.gguf` file or a Hugging Face directory.
+    pub model: PathBuf,
+    /// What to do.
+    pub config: QuantizeConfig,
+    /// Calibration text.
+    pub calibration: Calibration,
+    /// Where to write the checkpoint (`None`: do not write).
+    pub out: Option<PathBuf>,
+    /// Replace an existing output directory.
+    pub overwrite: bool,
+    /// Perplexity before and after.
+    pub eval: Option<EvalSpec>,
+    /// Progress bars on stderr.
+    pub progress: bool,
+}
+
+impl QuantizeJob {
+    /// A job with the default configuration.
+    pub fn new(model: impl Into<PathBuf>, config: QuantizeConfig) -> Self {
+        Self {
+            model: model.into(),
+            config,
+            calibration: Calibration::Shipped,
+            out: None,
+            overwrite: false,
+            eval: None,
+            progress: false,
+        }
+    }
+}
+
+/// Every check that can fail before any work: the model path, the options against the
+/// model's shapes, the calibration and eval files, the output directory. Returns the plan.
+pub fn prepare(job: &QuantizeJob) -> Result<(LlamaConfig, Plan)> {
+    job.config.validate()?;
+    let mc = read_config(&job.model)?;
+    let plan = job.config.plan(&mc)?;
+    if let Calibration::File { path, .. } = &job.calibration {
+        if !path.is_file() {
+            return Err(PipelineError::option(
+                "--calib",
+                format!("{}: no such file", path.display()),
+            ));
+        }
+    }
+    if let Calibration::Texts(t) = &job.calibration {
+        if t.iter().all(|s| s.trim().is_empty()) {
+            return Err(PipelineError::option(
+                "calibration",
+                "the list of calibration texts is empty",
+            ));
+        }
+    }
+    if let Some(e) = &job.eval {
+        if !e.text.is_file() {
+            return Err(PipelineError::option(
+                "--eval",
+                format!("{}: no such file", e.text.display()),
+            ));
+        }
+        if e.ctx < 2 {
+            return Err(PipelineError::option(
+                "--eval-ctx",
+                format!("{}: use at least 2 tokens", e.ctx),
+            ));
+        }
+        if e.max_windows == Some(0) {
+            return Err(PipelineError::option(
+                "--max-windows",
+                "0: use at least 1 window",
+            ));
+        }
+    }
+    if let Some(out) = &job.out {
+        if out.exists() && !job.overwrite {
+            return Err(PipelineError::option(
+                "--out",
+                format!(
+                    "{} already exists: remove it, choose another directory, or pass --overwrite",
+                    out.display()
+                ),
+            ));
+        }
+        if out.exists() && !out.is_dir() {
+            return Err(PipelineError::option(
+                "--out",
+                format!("{} exists and is not a directory", out.display()),
+            ));
+        }
+        if same_path(out, &job.model) {
+            return Err(PipelineError::option(
+                "--out",
+                "the output directory is the model being quantized",
+            ));
+        }
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(PipelineError::option(
+                "--out",
+                format!("the parent directory {} does not exist", parent.display()),
+            ));
+        }
+    }
+    Ok((mc, plan))
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// What `--dry-run` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct DryRun {
+    /// The resolved plan.
+    pub plan: Plan,
+    /// Estimated average bits per weight of the block linears.
+    pub bits_per_weight: f64,
+    /// Estimated peak memory in bytes.
+    pub memory_bytes: u64,
+    /// Estimated quantization seconds on a 2-core machine (rough: 100 GFLOP/s).
+    pub seconds: f64,
+    /// Calibration tokens.
+    pub calibration_tokens: usize,
+}
+
+impl DryRun {
+    /// A readable plan.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:<36} {:>11} {:<13} {:>5} {:>6} {:>7}\n",
+            "layer", "shape", "format", "group", "act", "bpw~"
+        );
+        for l in &self.plan.layers {
+            s.push_str(&format!(
+                "{:<36} {:>11} {:<13} {:>5} {:>6} {:>7.3}\n",
+                l.name.strip_prefix("model.").unwrap_or(&l.name),
+                format!("{}x{}", l.shape.0, l.shape.1),
+                if l.skip {
+                    "skip (f32)".into()
+                } else {
+                    l.spec.build().name()
+                },
+                l.group_size,
+                if l.act_order { "yes" } else { "" },
+                l.estimated_bits_per_weight()
+            ));
+        }
+        s.push_str(&format!(
+            "\nmethod {}: {} linears ({} skipped), ~{:.3} bits per weight\ncalibration: {} tokens\nestimated peak memory: {:.2} GB\nestimated time: {:.0} s (rough, 2 cores)\n",
+            self.plan.method,
+            self.plan.layers.len(),
+            self.plan.layers.iter().filter(|l| l.skip).count(),
+            self.bits_per_weight,
+            self.calibration_tokens,
+            self.memory_bytes as f64 / 1e9,
+            self.seconds
+        ));
+        for n in &self.plan.notes {
+            s.push_str(&format!("note: {n}\n"));
+        }
+        s.push_str("dry run: nothing was loaded or written\n");
+        s
+    }
+}
+
+/// Checks the job and estimates its cost without loading the weights.
+pub fn dry_run(job: &QuantizeJob) -> Result<DryRun> {
+    let (mc, plan) = prepare(job)?;
+    let c = &job.config;
+    let tokens = c.nsamples * c.seqlen;
+    let (d, inter) = (mc.hidden_size as u64, mc.intermediate_size as u64);
+    let params_linear: u64 = plan
+        .layers
+        .iter()
+        .map(|l| (l.shape.0 * l.shape.1) as u64)
+        .sum();
+    let params_total =
+        params_linear + mc.vocab_size as u64 * d * if mc.tie_word_embeddings { 1 } else { 2 };
+    let bs = c.batch_size.min(c.nsamples) as u64;
+    let seq = c.seqlen as u64;
+    let memory = params_total * 4                       // f32 weights
+        + params_linear * 4 / mc.num_hidden_layers as u64 // one block's copies
+        + 2 * tokens as u64 * d * 4                      // hidden states in and out
+        + bs * seq * (3 * inter + 6 * d) * 4             // one mini-batch's activations
+        + bs * mc.num_attention_heads as u64 * seq * seq * 4 / 2 // attention scores
+        + 3 * inter * inter * 8; // Hessians (f64)
+    let per_token_block: f64 = plan
+        .layers
+        .iter()
+        .take(7)
+        .map(|l| 2.0 * (l.shape.0 * l.shape.1) as f64)
+        .sum::<f64>()
+        + 4.0 * seq as f64 * mc.num_attention_heads as f64 * mc.head_dim as f64;
+    let passes = if c.method.uses_awq() {
+        2.0 + 1.3 * 20.0 * c.awq_samples.min(c.nsamples) as f64 / c.nsamples as f64 * 2.0
+    } else if c.method.needs_calibration() && c.true_sequential {
+        2.6
+    } else {
+        2.0
+    };
+    let hess: f64 = [d, d, d, inter]
+        .iter()
+        .map(|&x| 2.0 * (x * x) as f64)
+        .sum::<f64>()
+        * tokens as f64
+        / 2.0;
+    let solver: f64 = if c.method.uses_gptq() {
+        plan.layers
+            .iter()
+            .map(|l| {
+                let (o, i) = (l.shape.0 as f64, l.shape.1 as f64);
+                i * i * i + 2.0 * o * i * i
+            })
+            .sum()
+    } else {
+        0.0
+    };
+    let flops = passes * per_token_block * tokens as f64 * mc.num_hidden_layers as f64
+        + hess * mc.num_hidden_layers as f64
+        + solver;
+    let bpw = plan
+        .layers
+        .iter()
+        .map(|l| l.estimated_bits_per_weight() * (l.shape.0 * l.shape.1) as f64)
+        .sum::<f64>()
+        / params_linear.max(1) as f64;
+    Ok(DryRun {
+        plan,
+        bits_per_weight: bpw,
+        memory_bytes: memory,
+        seconds: flops / 100e9,
+        calibration_tokens: tokens,
+    })
+}
+
+fn eval_tokens(tok: &LlamaTokenizer, e: &EvalSpec) -> Result<Vec<u32>> {
+    let t = text::read_text(&e.text, e.field.as_deref())?;
+    let ids = tok.encode(&t)?;
+    if ids.len() < e.ctx {
+        return Err(PipelineError::option(
+            "--eval",
+            format!(
+                "{} has {} tokens, fewer than one window of {}",
+                e.text.display(),
+                ids.len(),
+                e.ctx
+            ),
+        ));
+    }
+    Ok(ids)
+}
+
+fn ppl(model: &LlamaModel, tokens: &[u32], e: &EvalSpec) -> Result<quantlab_models::PplReport> {
+    Ok(perplexity(
+        model,
+        tokens,
+        &PplParams {
+            ctx: e.ctx,
+            max_windows: e.max_windows,
+        },
+    )?)
+}
+
+/// The `quantization_config.json` of a run.
+pub fn quantization_config_json(
+    job: &QuantizeJob,
+    plan: &Plan,
+    out: &DriverOutput,
+    calib: &CalibrationFacts,
+    kind: &str,
+) -> Value {
+    let c = &job.config;
+    let mut layers = serde_json::Map::new();
+    for (lp, ql) in plan.layers.iter().zip(&out.layers) {
+        let mut v = json!({
+            "quantized": ql.linear.is_some(),
+            "skipped": lp.skip,
+            "bits": lp.bits,
+            "group_size": lp.group_size,
+            "sym": lp.sym,
+            "act_order": lp.act_order && c.method.uses_gptq(),
+            "format": if lp.skip { "f32".to_string() } else { lp.spec.build().name() },
+            "format_spec": serde_json::to_value(&lp.spec).expect("spec serialises"),
+            "granularity": serde_json::to_value(lp.granularity).expect("granularity serialises"),
+            "awq_scaled": ql.input_scale.is_some(),
+        });
+        if let Some(q) = &ql.linear {
+            let o = v.as_object_mut().expect("object");
+            o.insert("bits_per_weight".into(), q.bits_per_weight().into());
+            o.insert("g_idx_trivial".into(), q.g_idx_is_trivial().into());
+            if let Some(n) = &q.nested {
+                o.insert("double_quant_blocksize".into(), n.blocksize.into());
+            }
+        }
+        layers.insert(lp.name.clone(), v);
+    }
+    json!({
+        "quant_method": "quantlab",
+        "quantlab_version": env!("CARGO_PKG_VERSION"),
+        "method": c.method.name(),
+        "bits": plan.bits,
+        "group_size": plan.group_size,
+        "sym": c.sym,
+        "act_order": c.act_order,
+        "static_groups": c.static_groups,
+        "damp_percent": c.damp.unwrap_or(0.01),
+        "block_size": c.block_size.unwrap_or(128),
+        "mse": c.mse,
+        "true_sequential": c.true_sequential,
+        "double_quant": c.double_quant,
+        "int8_threshold": if c.method == crate::Method::Int8 { json!(c.int8_threshold.unwrap_or(6.0)) } else { Value::Null },
+        "awq_samples": if c.method.uses_awq() { json!(c.awq_samples) } else { Value::Null },
+        "awq_fold_only": c.awq_fold_only,
+        "skip": c.skip,
+        "overrides": c.overrides,
+        "calibration": calib,
+        "source_model": job.model.display().to_string(),
+        "source_kind": kind,
+        "notes": plan.notes,
+        "storage": "model.safetensors: dequantized f32 weights under Hugging Face names (AWQ scales folded into the RMSNorm weights); quantized.safetensors: NAME.codes u8 [out,in], NAME.scales / NAME.zeros f32 [out,groups], NAME.g_idx u32 [in], NAME.awq_scale f32 [in], NAME.dq_* (double quantization)",
+        "layers": layers,
+    })
+}
+
+fn dir_bytes(dir: &Path) -> Option<u64> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).ok()? {
+        let e = e.ok()?;
+        n += e.metadata().ok()?.len();
+    }
+    Some(n)
+}
+
+/// Runs a job: [`prepare`], load, calibration windows, perplexity before (with `eval`), the
+/// driver, perplexity after, then the atomic save. `cancel` (set by a Ctrl-C handler) stops
+/// the run at the next layer boundary; nothing is written then.
+pub fn run(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeReport> {
+    let t_job = Instant::now();
+    let (_mc, plan) = prepare(job)?;
+    let mut jt = JobTimings::default();
+    let c = &job.config;
+
+    let t0 = Instant::now();
+    let mut src = SourceModel::load(&job.model)?;
+    jt.load = t0.elapsed().as_secs_f64();
+
+    let t0 = Instant::now();
+    let windows = calibration_windows(
+        &src.tokenizer,
+        &job.calibration,
+        c.nsamples,
+        c.seqlen,
+        c.seed,
+    )?;
+    let eval_ids = match &job.eval {
+        Some(e) => Some(eval_tokens(&src.tokenizer, e)?),
+        None => None,
+    };
+    jt.calibration = t0.elapsed().as_secs_f64();
+    let calib = CalibrationFacts {
+        source: job.calibration.describe(),
+        nsamples: c.nsamples,
+        seqlen: c.seqlen,
+        seed: c.seed,
+        tokens: c.nsamples * c.seqlen,
+    };
+
+    let t0 = Instant::now();
+    let ppl_before = match (&job.eval, &eval_ids) {
+        (Some(e), Some(ids)) => Some(ppl(&src.model, ids, e)?.ppl),
+        _ => None,
+    };
+    jt.eval = t0.elapsed().as_secs_f64();
+
+    let ctl = Control {
+        progress: job.progress,
+        cancel,
+    };
+    let out = quantize_model(&mut src.model, &windows, &plan, c, ctl)?;
+
+    let t0 = Instant::now();
+    let mut eval_facts = None;
+    let ppl_after = match (&job.eval, &eval_ids) {
+        (Some(e), Some(ids)) => {
+            let r = ppl(&src.model, ids, e)?;
+            eval_facts = Some(EvalFacts {
+                text: e.text.display().to_string(),
+                ctx: e.ctx,
+                windows: r.windows,
+                tokens_scored: r.tokens_scored,
+                seconds: r.seconds,
+            });
+            Some(r.ppl)
+        }
+        _ => None,
+    };
+    jt.eval += t0.elapsed().as_secs_f64();
+
+    // sizes
+    let mc = src.model.config();
+    let mut bits_linear = 0.0;
+    let mut n_linear = 0u64;
+    for (lp, ql) in plan.layers.iter().zip(&out.layers) {
+        let n = (lp.shape.0 * lp.shape.1) as u64;
+        n_linear += n;
+        bits_linear += match &ql.linear {
+            Some(q) => q.bits().total_bits(),
+            None => 16.0 * n as f64,
+        };
+    }
+    let others: u64 = src
+        .others
+        .iter()
+        .filter(|(n, _)| !(n.as_str() == "lm_head.weight" && mc.tie_word_embeddings))
+        .map(|(_, t)| t.elem_count() as u64)
+        .sum();
+    let size_bytes = (bits_linear / 8.0).ceil() as u64 + 2 * others;
+    let size_bytes_f16 = 2 * (n_linear + others);
+    let quantized: Vec<f64> = out
+        .reports
+        .iter()
+        .filter(|r| !r.skipped && r.rel_output_error > 0.0)
+        .map(|r| r.rel_output_error)
+        .collect();
+    let mut report = QuantizeReport {
+        model: job.model.display().to_string(),
+        method: c.method.name().into(),
+        bits: plan.bits,
+        group_size: plan.group_size,
+        sym: c.sym,
+        act_order: c.act_order,
+        bits_per_weight: bits_linear / n_linear.max(1) as f64,
+        size_bytes,
+        size_bytes_f16,
+        file_bytes: None,
+        seconds: out.timings.total,
+        wall_seconds: 0.0,
+        timings: out.timings.clone(),
+        job_timings: jt,
+        mean_rel_output_error: quantized.iter().sum::<f64>() / quantized.len().max(1) as f64,
+        layers: out.reports.clone(),
+        ppl_before,
+        ppl_after,
+        eval: eval_facts,
+        calibration: calib.clone(),
+        notes: plan.notes.clone(),
+        out: job.out.as_ref().map(|o| o.display().to_string()),
+        peak_rss_mb: quantlab_models::peak_rss_mb(),
+    };
+    if let Some(dir) = &job.out {
+        let t0 = Instant::now();
+        let kind = format!("{:?}", src.kind);
+        let qc = quantization_config_json(job, &plan, &out, &calib, &kind);
+        report.wall_seconds = t_job.elapsed().as_secs_f64();
+        let inputs = SaveInputs {
+            model: &src.model,
+            others: &src.others,
+            layers: &out.layers,
+            norm_scales: &out.norm_scales,
+            source: &job.model,
+            tokenizer: &src.tokenizer,
+            quant_config: qc,
+            report: serde_json::to_value(&report).expect("report serialises"),
+        };
+        save_quantized(dir, &inputs, job.overwrite, cancel)?;
+        report.job_timings.save = t0.elapsed().as_secs_f64();
+        report.file_bytes = dir_bytes(dir);
+    }
+    report.wall_seconds = t_job.elapsed().as_secs_f64();
+    Ok(report)
+}

@@ -1,0 +1,179 @@
+//! The model being quantized: its configuration, every tensor under Hugging Face names, its
+//! tokenizer, and the [`LlamaModel`] built from them.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use quantlab_models::{
+    GgufWeights, LlamaConfig, LlamaModel, LlamaTokenizer, SafetensorsWeights, WeightSource,
+    BLOCK_LINEARS,
+};
+
+use crate::{PipelineError, Result};
+
+/// What kind of model a path holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum SourceKind {
+    /// A `.gguf` file.
+    Gguf,
+    /// A Hugging Face directory (`config.json` + `model.safetensors`).
+    HfDir,
+}
+
+/// Checks that `path` looks like a model (without reading the weights): a GGUF file (magic
+/// `GGUF`) or a directory with `config.json` and `model.safetensors` (or its index).
+pub fn detect(path: &Path) -> Result<SourceKind> {
+    let not = |d: &str| PipelineError::NotAModel {
+        path: path.display().to_string(),
+        detail: d.to_string(),
+    };
+    if !path.exists() {
+        return Err(not("no such file or directory"));
+    }
+    if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err(not(
+                "the directory has no config.json (expected a Hugging Face model directory)",
+            ));
+        }
+        if !path.join("model.safetensors").is_file()
+            && !path.join("model.safetensors.index.json").is_file()
+        {
+            return Err(not(
+                "the directory has no model.safetensors (or model.safetensors.index.json)",
+            ));
+        }
+        return Ok(SourceKind::HfDir);
+    }
+    let mut magic = [0u8; 4];
+    let ok = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok();
+    if ok && &magic == b"GGUF" {
+        Ok(SourceKind::Gguf)
+    } else {
+        Err(not(
+            "not a GGUF file (no GGUF magic) nor a Hugging Face directory",
+        ))
+    }
+}
+
+/// Reads only the configuration of a model path (cheap: no weights are dequantized).
+pub fn read_config(path: &Path) -> Result<LlamaConfig> {
+    Ok(match detect(path)? {
+        SourceKind::Gguf => GgufWeights::open(path)?.config()?,
+        SourceKind::HfDir => LlamaConfig::from_hf_file(&path.join("config.json"))?,
+    })
+}
+
+/// Tensors held in memory, served as a [`WeightSource`].
+#[derive(Debug)]
+pub struct MapSource<'a> {
+    /// Reported in errors.
+    pub path: PathBuf,
+    /// Hugging Face name -> f32 tensor.
+    pub tensors: &'a BTreeMap<String, Tensor>,
+}
+
+impl WeightSource for MapSource<'_> {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    fn load(&self, name: &str) -> quantlab_models::Result<Tensor> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| quantlab_models::ModelError::MissingTensor {
+                path: self.path.display().to_string(),
+                tensor: name.to_string(),
+            })
+    }
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+}
+
+/// A loaded source model.
+pub struct SourceModel {
+    /// The path it came from.
+    pub path: PathBuf,
+    /// GGUF or HF directory.
+    pub kind: SourceKind,
+    /// The model (f32, linears replaceable).
+    pub model: LlamaModel,
+    /// Every tensor that is not a block linear's weight (embeddings, norms, biases, lm_head,
+    /// rope frequencies), f32, Hugging Face names: written back untouched (norms with AWQ's
+    /// scales folded in).
+    pub others: BTreeMap<String, Tensor>,
+    /// The tokenizer.
+    pub tokenizer: LlamaTokenizer,
+}
+
+impl std::fmt::Debug for SourceModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceModel")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .field("others", &self.others.len())
+            .finish()
+    }
+}
+
+fn is_block_linear_weight(name: &str) -> bool {
+    name.starts_with("model.layers.")
+        && BLOCK_LINEARS
+            .iter()
+            .any(|l| name.ends_with(&format!(".{l}.weight")))
+}
+
+impl SourceModel {
+    /// Loads a GGUF file or a Hugging Face directory (every tensor dequantized to f32 once).
+    pub fn load(path: &Path) -> Result<Self> {
+        let kind = detect(path)?;
+        let (config, src): (LlamaConfig, Box<dyn WeightSource>) = match kind {
+            SourceKind::Gguf => {
+                let w = GgufWeights::open(path)?;
+                (w.config()?, Box::new(w))
+            }
+            SourceKind::HfDir => (
+                LlamaConfig::from_hf_file(&path.join("config.json"))?,
+                Box::new(SafetensorsWeights::open_dir(path)?),
+            ),
+        };
+        let mut tensors = BTreeMap::new();
+        for name in src.names() {
+            let t = src.load(&name)?;
+            // checkpoints of a bare `LlamaModel` lack the `model.` prefix
+            let bare = name.starts_with("layers.")
+                || name.starts_with("embed_tokens.")
+                || name.starts_with("norm.");
+            let key = if bare { format!("model.{name}") } else { name };
+            tensors.insert(key, t);
+        }
+        drop(src);
+        let model = LlamaModel::from_source(
+            config,
+            &MapSource {
+                path: path.to_path_buf(),
+                tensors: &tensors,
+            },
+        )?;
+        let others = tensors
+            .into_iter()
+            .filter(|(n, _)| !is_block_linear_weight(n))
+            .collect();
+        let tokenizer = LlamaTokenizer::load(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            kind,
+            model,
+            others,
+            tokenizer,
+        })
+    }
+}

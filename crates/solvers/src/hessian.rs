@@ -1,0 +1,232 @@
+//! Streaming accumulation of the layer Hessian `H = 2/n * sum_t x_t x_t^T` over the input
+//! rows `x_t` of a linear layer, without keeping the inputs.
+//!
+//! # Convention (reference GPTQ `add_batch`)
+//! The reference keeps a running mean: for a batch of `m` samples with rows `X`,
+//! `H *= n/(n+m); n += m; X *= sqrt(2/n); H += X^T X`, where `m` counts **sequences**
+//! (the batch dimension), not tokens. After all batches `H = 2/n * sum_t x_t x_t^T` with `n`
+//! the number of sequences and the sum over every token: the scale of `H` grows with the
+//! tokens per sequence. This is what [`Counting::Sequences`] (the default) reproduces.
+//! [`Counting::Tokens`] counts every row as one sample, giving the proper mean
+//! `H = 2/T * X^T X`. The scale of `H` does not change any GPTQ/OBQ solution (the solvers are
+//! invariant to `H -> c H`, and damping is relative to `mean(diag H)`), only reported losses.
+//!
+//! # Numerics
+//! Instead of rescaling a running mean at every batch, this accumulator keeps the exact sum
+//! `S = sum_t x_t x_t^T` in an **f64** accumulator (each batch's `X^T X` computed by an f64
+//! matrix product) and the sample count `n`; [`Hessian::finish`] returns `2/n * S` rounded
+//! once to f32. In exact arithmetic this equals the running mean above; in floating point it
+//! avoids the repeated `n/(n+m)` rescaling and the f32 cancellation of long sums.
+//!
+//! # Diagonal mode = llama.cpp's importance matrix
+//! [`Hessian::diagonal`] keeps only `sum_t x_{t,j}^2` per input column `j` (O(in) memory).
+//! llama.cpp's `imatrix` tool accumulates exactly this per-column sum of squared activations
+//! (and divides by its number of tokens when it writes the file), so
+//! `imatrix_j = sum_t x_{t,j}^2 / T = diag(H)_j * n / (2 T)`: with [`Counting::Tokens`],
+//! `imatrix = diag(H) / 2`. [`Hessian::sum_sq`] and [`Hessian::tokens`] give the raw parts.
+#![allow(non_snake_case)]
+
+use crate::error::{check_finite_view, shape_err};
+use crate::Result;
+use faer::{Accum, MatRef, Par};
+use ndarray::{Array1, Array2, ArrayView2};
+
+/// What one sample is for the running mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Counting {
+    /// `m` = the `sequences` argument of [`Hessian::add_batch`] (reference GPTQ).
+    #[default]
+    Sequences,
+    /// `m` = the number of rows (tokens) of the batch.
+    Tokens,
+}
+
+/// A streaming Hessian accumulator, full (`[in, in]`) or diagonal-only.
+///
+/// ```
+/// use ndarray::array;
+/// use quantlab_solvers::hessian::{Counting, Hessian};
+/// let mut h = Hessian::new(2).with_counting(Counting::Tokens);
+/// h.add_batch(array![[1.0f32, 2.0], [3.0, 0.0]].view(), 1).unwrap();
+/// let H = h.finish();
+/// // 2/2 * (x1 x1^T + x2 x2^T) = [[1+9, 2], [2, 4]]
+/// assert!((H[[0, 0]] - 10.0).abs() < 1e-6 && (H[[0, 1]] - 2.0).abs() < 1e-6);
+/// assert!((H[[1, 1]] - 4.0).abs() < 1e-6);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Hessian {
+    dim: usize,
+    diagonal_only: bool,
+    counting: Counting,
+    par: Par,
+    /// `sum_t x_t x_t^T`, column-major `[dim, dim]` (full mode) or `sum_t x_t^2` (diagonal).
+    S: Vec<f64>,
+    n: u64,
+    tokens: u64,
+}
+
+impl Hessian {
+    /// A full `[dim, dim]` accumulator, counting sequences (reference GPTQ), using every
+    /// rayon thread for the batch products.
+    pub fn new(dim: usize) -> Self {
+        Self {
+            dim,
+            diagonal_only: false,
+            counting: Counting::Sequences,
+            par: Par::rayon(0),
+            S: vec![0.0; dim * dim],
+            n: 0,
+            tokens: 0,
+        }
+    }
+
+    /// A diagonal-only accumulator (llama.cpp importance matrix): O(dim) memory.
+    pub fn diagonal(dim: usize) -> Self {
+        Self {
+            dim,
+            diagonal_only: true,
+            counting: Counting::Sequences,
+            par: Par::rayon(0),
+            S: vec![0.0; dim],
+            n: 0,
+            tokens: 0,
+        }
+    }
+
+    /// Choose what counts as one sample.
+    pub fn with_counting(mut self, counting: Counting) -> Self {
+        self.counting = counting;
+        self
+    }
+
+    /// Choose the parallelism of the per-batch `X^T X` products.
+    pub fn with_par(mut self, par: Par) -> Self {
+        self.par = par;
+        self
+    }
+
+    /// Input dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Whether only the diagonal is kept.
+    pub fn is_diagonal(&self) -> bool {
+        self.diagonal_only
+    }
+
+    /// Samples counted so far (`n` of the running mean).
+    pub fn samples(&self) -> u64 {
+        self.n
+    }
+
+    /// Rows (tokens) seen so far.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Add a batch of input rows `x` (`[tokens, in]`) holding `sequences` sequences.
+    /// `sequences` is ignored with [`Counting::Tokens`]. Errors on a wrong width, NaN or
+    /// infinite inputs, or `sequences == 0` with a non-empty batch.
+    pub fn add_batch(&mut self, x: ArrayView2<f32>, sequences: usize) -> Result<()> {
+        let (t, d) = x.dim();
+        if d != self.dim {
+            return Err(shape_err(
+                "Hessian::add_batch",
+                format!(
+                    "inputs have {d} columns, the Hessian has dimension {}",
+                    self.dim
+                ),
+            ));
+        }
+        if t == 0 {
+            return Ok(());
+        }
+        check_finite_view("inputs", x)?;
+        let m = match self.counting {
+            Counting::Sequences => sequences,
+            Counting::Tokens => t,
+        };
+        if m == 0 {
+            return Err(crate::SolverError::InvalidOption {
+                option: "sequences".into(),
+                detail: "a non-empty batch must count at least one sequence".into(),
+            });
+        }
+        if self.diagonal_only {
+            for row in x.rows() {
+                for (s, &v) in self.S.iter_mut().zip(row.iter()) {
+                    *s += (v as f64) * (v as f64);
+                }
+            }
+        } else {
+            // X (f64) column-major [t, d]; S += X^T X
+            let xs: Vec<f64> = {
+                let mut v = vec![0.0f64; t * d];
+                for (i, row) in x.rows().into_iter().enumerate() {
+                    for (j, &e) in row.iter().enumerate() {
+                        v[j * t + i] = e as f64;
+                    }
+                }
+                v
+            };
+            let X = MatRef::from_column_major_slice(&xs, t, d);
+            let S = faer::MatMut::from_column_major_slice_mut(&mut self.S, d, d);
+            faer::linalg::matmul::matmul(S, Accum::Add, X.transpose(), X, 1.0, self.par);
+        }
+        self.n += m as u64;
+        self.tokens += t as u64;
+        Ok(())
+    }
+
+    /// `H = 2/n * S` as `[in, in]` f32 (a diagonal matrix in diagonal mode). Zero when no
+    /// sample was added.
+    pub fn finish(&self) -> Array2<f32> {
+        let c = self.scale();
+        if self.diagonal_only {
+            let mut H = Array2::<f32>::zeros((self.dim, self.dim));
+            for j in 0..self.dim {
+                H[[j, j]] = (c * self.S[j]) as f32;
+            }
+            H
+        } else {
+            let d = self.dim;
+            // S is symmetric: reading it column-major gives the same matrix.
+            Array2::from_shape_fn((d, d), |(i, j)| (c * self.S[j * d + i]) as f32)
+        }
+    }
+
+    /// `diag(H) = 2/n * sum_t x_t^2` per input column.
+    pub fn diag(&self) -> Array1<f32> {
+        let c = self.scale();
+        Array1::from_shape_fn(self.dim, |j| (c * self.sum_sq_at(j)) as f32)
+    }
+
+    /// The raw `sum_t x_{t,j}^2` per input column (llama.cpp's imatrix before its division
+    /// by the token count).
+    pub fn sum_sq(&self) -> Array1<f64> {
+        Array1::from_shape_fn(self.dim, |j| self.sum_sq_at(j))
+    }
+
+    /// llama.cpp's importance value per column: `sum_t x_{t,j}^2 / T` (T = tokens seen).
+    pub fn imatrix(&self) -> Array1<f32> {
+        let t = self.tokens.max(1) as f64;
+        Array1::from_shape_fn(self.dim, |j| (self.sum_sq_at(j) / t) as f32)
+    }
+
+    fn sum_sq_at(&self, j: usize) -> f64 {
+        if self.diagonal_only {
+            self.S[j]
+        } else {
+            self.S[j * self.dim + j]
+        }
+    }
+
+    fn scale(&self) -> f64 {
+        if self.n == 0 {
+            0.0
+        } else {
+            2.0 / self.n as f64
+        }
+    }
+}
