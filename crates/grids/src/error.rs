@@ -18,8 +18,8 @@ pub enum GridError {
         format: String,
         allowed: String,
     },
-    /// A group size that does not divide the number of input columns.
-    #[error("group size {group_size} does not divide the {columns} input columns of `{tensor}` (use a divisor of {columns}, or -1 for one group per row)")]
+    /// A group size that cannot group the input columns (0).
+    #[error("group size {group_size} cannot group the {columns} input columns of `{tensor}` (use a positive number of columns, or -1 for one group per row)")]
     GroupSize {
         tensor: String,
         group_size: i64,

@@ -92,18 +92,50 @@ impl Granularity {
         }
     }
 
-    /// The group length in columns for a row of `columns` inputs.
+    /// The nominal group length in columns for a row of `columns` inputs: `min(g, columns)`
+    /// for `Group(g)` (the last group of a row may be shorter, see [`Granularity::n_groups`];
+    /// a group wider than the row is the row), the whole row otherwise. Group `gi` holds
+    /// the columns (or quantization positions) `p` with `p / group_len == gi`.
     pub fn group_len(&self, columns: usize) -> usize {
         match *self {
             Self::PerTensor | Self::PerChannel => columns,
-            Self::Group(g) => g,
+            Self::Group(g) => g.min(columns),
         }
     }
 
-    /// Check that the granularity fits an `[out, in]` matrix named `tensor`.
+    /// Number of parameter sets per row for a row of `columns` inputs: `ceil(columns / g)`
+    /// for `Group(g)` (as the reference GPTQ and every GPTQ checkpoint: when `g` does not
+    /// divide `columns` the last group is short, `columns - (G - 1) g` columns), 1 otherwise
+    /// (per tensor: one set shared by every row).
+    ///
+    /// ```
+    /// use quantlab_grids::Granularity;
+    /// // SmolLM2's 576-column layers with g = 128: 4 full groups and one of 64
+    /// assert_eq!(Granularity::Group(128).n_groups(576), 5);
+    /// assert_eq!(Granularity::Group(128).group_range(4, 576), 512..576);
+    /// assert_eq!(Granularity::Group(128).n_groups(512), 4);
+    /// assert_eq!(Granularity::PerChannel.n_groups(576), 1);
+    /// ```
+    pub fn n_groups(&self, columns: usize) -> usize {
+        match *self {
+            Self::PerTensor | Self::PerChannel => 1,
+            Self::Group(g) => columns.div_ceil(g.max(1)),
+        }
+    }
+
+    /// The columns of group `gi` (in quantization order) of a row of `columns` inputs:
+    /// `gi g .. min((gi + 1) g, columns)`.
+    pub fn group_range(&self, gi: usize, columns: usize) -> std::ops::Range<usize> {
+        let g = self.group_len(columns);
+        (gi * g).min(columns)..((gi + 1) * g).min(columns)
+    }
+
+    /// Check that the granularity fits an `[out, in]` matrix named `tensor`: any positive
+    /// group size fits any width (a short last group); only `Group(0)` is refused. Formats
+    /// that need exact blocks (ggml blocks of 32, AWQ GEMM packing) check that themselves.
     pub fn check(&self, tensor: &str, columns: usize) -> crate::Result<()> {
         if let Self::Group(g) = *self {
-            if g == 0 || columns % g != 0 {
+            if g == 0 {
                 return Err(crate::GridError::GroupSize {
                     tensor: tensor.into(),
                     group_size: g as i64,

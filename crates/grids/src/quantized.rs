@@ -324,8 +324,9 @@ impl QuantizedLinear {
 ///
 /// The reference for every solver: each group's parameters come from `Format::fit` on the
 /// group's weights, each weight is encoded independently. Rows run in parallel (rayon).
-/// `name` is used in errors: non-finite weights, a group size that does not divide `in`,
-/// an invalid spec, an empty matrix.
+/// `name` is used in errors: non-finite weights, a group size of 0, an invalid spec, an
+/// empty matrix. `Group(g)` with `g` not dividing `in` gives `ceil(in / g)` groups per row,
+/// the last one short (as GPTQ checkpoints).
 ///
 /// ```
 /// use ndarray::array;
@@ -357,7 +358,7 @@ pub fn quantize_rtn(
     granularity.check(name, inp)?;
     let f = spec.build();
     let g = granularity.group_len(inp);
-    let n_groups = inp / g;
+    let n_groups = granularity.n_groups(inp);
     let tensor_params = match granularity {
         Granularity::PerTensor => Some(f.fit(&w.iter().copied().collect::<Vec<_>>())),
         _ => None,

@@ -159,18 +159,20 @@ pub struct AwqResult {
 /// ```
 pub fn weight_mean(linears: &[ArrayView2<f32>], granularity: Granularity) -> Result<Array1<f32>> {
     let n = check_linears(linears, granularity)?;
-    let g = granularity.group_len(n);
     let mut acc = vec![0.0f64; n];
     let mut rows = 0usize;
     for W in linears {
         for row in W.rows() {
             rows += 1;
             let rowv = row.to_vec();
-            for gi in 0..n / g {
-                let gr = &rowv[gi * g..(gi + 1) * g];
+            // row-wise groups (the last one short when g does not divide n)
+            for gi in 0..granularity.n_groups(n) {
+                let cols = granularity.group_range(gi, n);
+                let c0 = cols.start;
+                let gr = &rowv[cols];
                 let mx = gr.iter().fold(0.0f32, |m, v| m.max(v.abs())) + 1e-6;
                 for (t, v) in gr.iter().enumerate() {
-                    acc[gi * g + t] += (v.abs() / mx) as f64;
+                    acc[c0 + t] += (v.abs() / mx) as f64;
                 }
             }
         }
@@ -234,16 +236,16 @@ fn pseudo_quant(W: ArrayView2<f32>, format: &dyn Format, granularity: Granularit
             Q.zip_mut_with(&W, |q, &w| *q = format.quantize(w, p));
         }
         _ => {
-            let g = granularity.group_len(n);
-            let mut buf = vec![0f32; g];
+            let mut buf = Vec::with_capacity(granularity.group_len(n));
             for r in 0..out {
-                for gi in 0..n / g {
-                    for t in 0..g {
-                        buf[t] = W[[r, gi * g + t]];
-                    }
+                // the last group is short when g does not divide n
+                for gi in 0..granularity.n_groups(n) {
+                    let cols = granularity.group_range(gi, n);
+                    buf.clear();
+                    buf.extend(cols.clone().map(|k| W[[r, k]]));
                     let p = format.fit(&buf);
-                    for t in 0..g {
-                        Q[[r, gi * g + t]] = format.quantize(buf[t], p);
+                    for (t, k) in cols.enumerate() {
+                        Q[[r, k]] = format.quantize(buf[t], p);
                     }
                 }
             }
@@ -341,15 +343,19 @@ pub fn search_clip(
         ));
     }
     params.granularity.check("weight", n)?;
-    let g = params.granularity.group_len(n);
+    let gran = params.granularity;
+    let n_groups = gran.n_groups(n);
     // AutoAWQ: range(int(max_shrink * n_grid))
     let steps = ((params.clip_max_shrink * params.clip_n_grid as f64) as usize).max(1);
-    let mut best = Array2::<f32>::zeros((out, n / g));
-    let mut buf = vec![0f32; g];
-    let mut d = vec![0f64; g];
+    let mut best = Array2::<f32>::zeros((out, n_groups));
+    let mut buf_full = vec![0f32; gran.group_len(n)];
+    let mut d_full = vec![0f64; gran.group_len(n)];
     for r in 0..out {
-        for gi in 0..n / g {
-            let c0 = gi * g;
+        for gi in 0..n_groups {
+            // the last group is short when g does not divide n
+            let cols = gran.group_range(gi, n);
+            let (c0, g) = (cols.start, cols.len());
+            let (buf, d) = (&mut buf_full[..g], &mut d_full[..g]);
             let org_max = (0..g).fold(0.0f32, |m, t| m.max(W[[r, c0 + t]].abs()));
             let mut best_err = f64::INFINITY;
             let mut best_max = org_max;
@@ -358,7 +364,7 @@ pub fn search_clip(
                 for t in 0..g {
                     buf[t] = W[[r, c0 + t]].clamp(-mx, mx);
                 }
-                let p = format.fit(&buf);
+                let p = format.fit(buf);
                 for t in 0..g {
                     d[t] = (W[[r, c0 + t]] - format.quantize(buf[t], p)) as f64;
                 }

@@ -79,23 +79,33 @@ pub fn gemm_rate(n: usize, par: Par, repeats: usize) -> (f64, f64) {
     (best, 2.0 * n * n * n / best / 1e9)
 }
 
-/// Run the benchmark: GPTQ int4-sym g128 (or per row when `size < 128`) on `size x size`.
+/// Run the benchmark: GPTQ int4-sym g128 on `size x size` (a short last group when 128
+/// does not divide `size`), default [`GptqParams`] otherwise.
 pub fn gptq_bench(size: usize, seed: u64, par: Par, repeats: usize) -> Result<GptqBench> {
+    let params = GptqParams {
+        granularity: Granularity::Group(128),
+        par,
+        ..Default::default()
+    };
+    gptq_bench_with(size, seed, &params, repeats)
+}
+
+/// [`gptq_bench`] with explicit solver parameters (e.g. `factor_in_f64: false`, another
+/// block size); the grid is int4-sym.
+pub fn gptq_bench_with(
+    size: usize,
+    seed: u64,
+    params: &GptqParams,
+    repeats: usize,
+) -> Result<GptqBench> {
+    let par = params.par;
     let t = Instant::now();
     let H = crate::synth::correlated_hessian(size, seed, 8.min(size), par);
     let W = crate::synth::random_weight(size, size, seed);
     let setup_seconds = t.elapsed().as_secs_f64();
     let grid = UniformGrid::new(4, true)?;
-    let granularity = if size % 128 == 0 {
-        Granularity::Group(128)
-    } else {
-        Granularity::PerChannel
-    };
-    let params = GptqParams {
-        granularity,
-        par,
-        ..Default::default()
-    };
+    let granularity = params.granularity;
+    let params = params.clone();
     let mut all = Vec::new();
     let mut last = None;
     for _ in 0..repeats.max(1) {
@@ -120,7 +130,10 @@ pub fn gptq_bench(size: usize, seed: u64, par: Par, repeats: usize) -> Result<Gp
         all_seconds: all,
         flops,
         gflops: flops / seconds / 1e9,
-        flops_formula: "2 N^3/3 (Cholesky + triangular inverse, f64) + out N (B-1) (in-block) + out N (N-B) (lazy GEMMs)".into(),
+        flops_formula: format!(
+            "2 N^3/3 (Cholesky + triangular inverse, {}) + out N (B-1) (in-block) + out N (N-B) (lazy GEMMs)",
+            if params.factor_in_f64 { "f64" } else { "f32" }
+        ),
         gemm_seconds,
         gemm_gflops,
         setup_seconds,

@@ -37,6 +37,11 @@
 //! ([`GptqParams::group_params_from_outer_w`], on by default; off = from the fully updated
 //! `W`, which equals [`gptq_reference`] for every block size); static groups = parameters of
 //! every group fitted from the original `W` (after zeroing dead columns) before any update.
+//!
+//! Groups of `g` columns need not divide `in`: as in the reference and every GPTQ checkpoint
+//! there are `ceil(in / g)` groups, the last one `in - (G - 1) g` columns wide; group `gi`
+//! holds the quantization positions `p` with `p / g == gi`, so with act-order
+//! `g_idx[k] = (position of column k) / g` (the short group holds the last positions).
 #![allow(non_snake_case)]
 
 use crate::error::{check_finite_view, shape_err};
@@ -103,8 +108,9 @@ pub(crate) struct Prep {
     pub n: usize,
     /// `W` with dead columns zeroed, original order.
     pub W0: Array2<f32>,
-    /// `H` with dead columns fixed (`H_ii = 1`), permuted to quantization order, f64.
-    pub Hp: Array2<f64>,
+    /// `H` with dead columns fixed (`H_ii = 1`), permuted to quantization order; stored in
+    /// f32 (the input's precision), widened to f64 wherever a solver computes with it.
+    pub Hp: Array2<f32>,
     pub dead: usize,
     /// position -> original column.
     pub perm: Vec<usize>,
@@ -165,7 +171,7 @@ pub(crate) fn prepare(
             what: "weight".into(),
         });
     }
-    let mut W0 = W.to_owned();
+    let mut W0 = W.as_standard_layout().into_owned();
     for (k, &d) in is_dead.iter().enumerate() {
         if d {
             W0.column_mut(k).fill(0.0);
@@ -200,12 +206,12 @@ pub(crate) fn prepare(
         if a == b && is_dead[a] {
             1.0
         } else {
-            H[[a, b]] as f64
+            H[[a, b]]
         }
     });
 
     let g = granularity.group_len(n);
-    let n_groups = n / g;
+    let n_groups = granularity.n_groups(n);
     let mut scales = Array2::<f32>::zeros((out, n_groups));
     let mut zeros = Array2::<f32>::zeros((out, n_groups));
     let dynamic_groups = matches!(granularity, Granularity::Group(_)) && !static_groups;
@@ -237,7 +243,8 @@ pub(crate) fn prepare(
             _ => {
                 for r in 0..out {
                     for gi in 0..n_groups {
-                        let slab: Vec<f32> = (gi * g..(gi + 1) * g).map(|k| W0[[r, k]]).collect();
+                        let slab: Vec<f32> =
+                            granularity.group_range(gi, n).map(|k| W0[[r, k]]).collect();
                         put(r, gi, format.fit(&slab));
                     }
                 }
@@ -266,14 +273,14 @@ pub(crate) fn prepare(
 /// `factor`; on a non-positive pivot retry with 10x the damping (0 -> 0.01), up to
 /// `max_retries` times, recording each failure.
 pub(crate) fn factor_with_retries<T>(
-    Hp: &Array2<f64>,
+    Hp: &Array2<f32>,
     damp_percent: f64,
     max_retries: usize,
     mut factor: impl FnMut(f64) -> std::result::Result<T, usize>,
     report: &mut SolveReport,
 ) -> Result<T> {
     let n = Hp.nrows();
-    let mean_diag = (0..n).map(|i| Hp[[i, i]]).sum::<f64>() / n as f64;
+    let mean_diag = (0..n).map(|i| Hp[[i, i]] as f64).sum::<f64>() / n as f64;
     let mut dp = damp_percent;
     loop {
         let damp = dp * mean_diag;
@@ -315,13 +322,8 @@ fn finish_output(
     let (out, n) = (prep.out, prep.n);
     let mut codes = Array2::<u8>::zeros((out, n));
     let mut q = Array2::<f32>::zeros((out, n));
-    for (p, &k) in prep.perm.iter().enumerate() {
-        let (crow, qrow) = (&codesT[p * out..(p + 1) * out], &qT[p * out..(p + 1) * out]);
-        for r in 0..out {
-            codes[[r, k]] = crow[r];
-            q[[r, k]] = qrow[r];
-        }
-    }
+    scatter_transpose(codesT, out, &prep.perm, &mut codes);
+    scatter_transpose(qT, out, &prep.perm, &mut q);
     report.dead_columns = prep.dead;
     if !prep.natural {
         report.order = Some(prep.perm.clone());
@@ -383,7 +385,7 @@ pub fn gptq_reference(
         params.damp_percent,
         params.max_damp_retries,
         |damp| {
-            let mut Hd = prep.Hp.clone();
+            let mut Hd = prep.Hp.mapv(f64::from);
             for i in 0..n {
                 Hd[[i, i]] += damp;
             }
@@ -400,9 +402,11 @@ pub fn gptq_reference(
     let mut loss = 0.0f64;
     for p in 0..n {
         if prep.dynamic_groups && p % prep.g == 0 {
-            // fit the group [p, p + g) on the current (fully updated) W
+            // fit the group [p, min(p + g, n)) on the current (fully updated) W; the last
+            // group is short when g does not divide n
+            let end = (p + prep.g).min(n);
             for r in 0..out {
-                let slab: Vec<f32> = (p..p + prep.g).map(|c| Wp[[r, c]] as f32).collect();
+                let slab: Vec<f32> = (p..end).map(|c| Wp[[r, c]] as f32).collect();
                 let gp = format.fit(&slab);
                 scales[[r, p / prep.g]] = gp.scale;
                 zeros[[r, p / prep.g]] = gp.zero;
@@ -436,18 +440,41 @@ pub fn gptq_reference(
 /// level of GPTQ's lazy batching; the same arithmetic in another order).
 const INNER: usize = 16;
 
+/// Rows per tile when gathering group slabs and transposing (cache blocking only).
+const TILE: usize = 64;
+
+/// `dst[r, perm[p]] = src[p * out + r]` for a position-major `src` (`[n, out]`) into a
+/// standard-layout `dst` (`[out, n]`), in `TILE x TILE` tiles so both sides stay in cache.
+fn scatter_transpose<T: Copy>(src: &[T], out: usize, perm: &[usize], dst: &mut Array2<T>) {
+    let n = perm.len();
+    let d = dst.as_slice_mut().expect("standard layout");
+    for p0 in (0..n).step_by(TILE) {
+        let p1 = (p0 + TILE).min(n);
+        for r0 in (0..out).step_by(TILE) {
+            let r1 = (r0 + TILE).min(out);
+            for r in r0..r1 {
+                for p in p0..p1 {
+                    d[r * n + perm[p]] = src[p * out + r];
+                }
+            }
+        }
+    }
+}
+
 /// `U` (upper Cholesky factor of `(Hp + damp I)^-1`), column-major f32, computed in `T`:
 /// `A = J (Hp + damp I) J`, `L = chol(A)`, `U = J L^-1 J`.
 fn factor_u<T: faer::traits::RealField + Copy>(
-    Hp: &Array2<f64>,
+    Hp: &Array2<f32>,
     damp: f64,
     par: Par,
     to_t: impl Fn(f64) -> T,
     to_f32: impl Fn(T) -> f32,
 ) -> std::result::Result<Vec<f32>, usize> {
     let n = Hp.nrows();
+    // A[i, j] = Hp[n-1-i, n-1-j] = Hp[n-1-j, n-1-i] (symmetric): read along Hp's rows while
+    // filling A's columns (column-major)
     let A = Mat::<T>::from_fn(n, n, |i, j| {
-        let v = Hp[[n - 1 - i, n - 1 - j]];
+        let v = Hp[[n - 1 - j, n - 1 - i]] as f64;
         to_t(if i == j { v + damp } else { v })
     });
     let Linv = crate::linalg::inverse_factor_reversed(A, par)?;
@@ -545,10 +572,19 @@ pub fn gptq_with_format(
 
     // W^T in quantization order: WT[p, r] = W0[r, perm[p]]
     let mut WT = vec![0f32; n * out];
-    for r in 0..out {
-        let row = prep.W0.row(r);
-        for (p, &k) in prep.perm.iter().enumerate() {
-            WT[p * out + r] = row[k];
+    {
+        let w0 = prep.W0.as_slice().expect("standard layout");
+        for p0 in (0..n).step_by(TILE) {
+            let p1 = (p0 + TILE).min(n);
+            for r0 in (0..out).step_by(TILE) {
+                let r1 = (r0 + TILE).min(out);
+                for p in p0..p1 {
+                    let k = prep.perm[p];
+                    for r in r0..r1 {
+                        WT[p * out + r] = w0[r * n + k];
+                    }
+                }
+            }
         }
     }
     let mut scales = prep.scales.clone();
@@ -605,7 +641,10 @@ pub fn gptq_with_format(
                 } = t;
                 let cs = w1.ncols();
                 let mut part = 0.0f64;
-                let mut buf = vec![0f32; if prep.dynamic_groups { g } else { 0 }];
+                // the rows' group slabs, TILE rows at a time (row-major, g per row): read
+                // column by column (contiguous over rows) instead of row by row (a cache
+                // miss per weight)
+                let mut tile = vec![0f32; if prep.dynamic_groups { TILE * g } else { 0 }];
                 for i in 0..B {
                     let p = i1 + i;
                     // sub-block [s1, s2) of the block holding column i
@@ -613,33 +652,45 @@ pub fn gptq_with_format(
                     let s2 = (s1 + INNER).min(B);
                     if prep.dynamic_groups && p % g == 0 {
                         let gi = p / g;
-                        for lr in 0..cs {
+                        // the last group is short when g does not divide n
+                        let end = (p + g).min(n);
+                        let len = end - p;
+                        // the value of column c, local row lr, that the group is fitted on
+                        let value = |c: usize, lr: usize| -> f32 {
                             let r = r0 + lr;
-                            for (t, c) in (p..p + g).enumerate() {
-                                buf[t] = if quirk {
-                                    WT_ref[c * out + r]
-                                } else if c < i1 + s2 {
-                                    // inside the current sub-block: fully updated
-                                    w1[[c - i1, lr]]
-                                } else if c < i2 {
-                                    // later in the block: lacks the sub-block's pending update
-                                    let mut v = w1[[c - i1, lr]];
-                                    for j in s1..i {
-                                        v -= e1[[j, lr]] * U[(i1 + j, c)];
-                                    }
-                                    v
-                                } else {
-                                    // outer W lacks this block's pending lazy updates
-                                    let mut v = WT_ref[c * out + r];
-                                    for j in 0..i {
-                                        v -= e1[[j, lr]] * U[(i1 + j, c)];
-                                    }
-                                    v
-                                };
+                            if quirk {
+                                WT_ref[c * out + r]
+                            } else if c < i1 + s2 {
+                                // inside the current sub-block: fully updated
+                                w1[[c - i1, lr]]
+                            } else if c < i2 {
+                                // later in the block: lacks the sub-block's pending update
+                                let mut v = w1[[c - i1, lr]];
+                                for j in s1..i {
+                                    v -= e1[[j, lr]] * U[(i1 + j, c)];
+                                }
+                                v
+                            } else {
+                                // outer W lacks this block's pending lazy updates
+                                let mut v = WT_ref[c * out + r];
+                                for j in 0..i {
+                                    v -= e1[[j, lr]] * U[(i1 + j, c)];
+                                }
+                                v
                             }
-                            let gp = format.fit(&buf);
-                            sc[[lr, gi]] = gp.scale;
-                            ze[[lr, gi]] = gp.zero;
+                        };
+                        for t0 in (0..cs).step_by(TILE) {
+                            let t1 = (t0 + TILE).min(cs);
+                            for (t, c) in (p..end).enumerate() {
+                                for lr in t0..t1 {
+                                    tile[(lr - t0) * len + t] = value(c, lr);
+                                }
+                            }
+                            for lr in t0..t1 {
+                                let gp = format.fit(&tile[(lr - t0) * len..(lr - t0 + 1) * len]);
+                                sc[[lr, gi]] = gp.scale;
+                                ze[[lr, gi]] = gp.zero;
+                            }
                         }
                     }
                     let gi = prep.group_of_pos[p];

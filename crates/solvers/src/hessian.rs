@@ -28,6 +28,7 @@
 
 use crate::error::{check_finite_view, shape_err};
 use crate::Result;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatRef, Par};
 use ndarray::{Array1, Array2, ArrayView2};
 
@@ -59,7 +60,11 @@ pub struct Hessian {
     diagonal_only: bool,
     counting: Counting,
     par: Par,
-    /// `sum_t x_t x_t^T`, column-major `[dim, dim]` (full mode) or `sum_t x_t^2` (diagonal).
+    /// Per-batch products as full f64 matrix products (the reference) instead of f32 lower
+    /// triangles.
+    f64_products: bool,
+    /// `sum_t x_t x_t^T`, column-major `[dim, dim]` (full mode; only the lower triangle is
+    /// read) or `sum_t x_t^2` (diagonal).
     S: Vec<f64>,
     n: u64,
     tokens: u64,
@@ -74,6 +79,7 @@ impl Hessian {
             diagonal_only: false,
             counting: Counting::Sequences,
             par: Par::rayon(0),
+            f64_products: false,
             S: vec![0.0; dim * dim],
             n: 0,
             tokens: 0,
@@ -87,6 +93,7 @@ impl Hessian {
             diagonal_only: true,
             counting: Counting::Sequences,
             par: Par::rayon(0),
+            f64_products: false,
             S: vec![0.0; dim],
             n: 0,
             tokens: 0,
@@ -96,6 +103,16 @@ impl Hessian {
     /// Choose what counts as one sample.
     pub fn with_counting(mut self, counting: Counting) -> Self {
         self.counting = counting;
+        self
+    }
+
+    /// Compute each batch's `X^T X` as a full f64 matrix product (the plain reference)
+    /// instead of the default: the lower triangle only, in f32, added to the f64 sum. The
+    /// default does about a quarter of the work in time (half the products, twice the SIMD
+    /// width); its per-batch rounding is that of an f32 sum over the batch's rows (the
+    /// precision of the reference GPTQ's own f32 accumulation), and the running sum stays f64.
+    pub fn with_f64_products(mut self, on: bool) -> Self {
+        self.f64_products = on;
         self
     }
 
@@ -159,6 +176,34 @@ impl Hessian {
                     *s += (v as f64) * (v as f64);
                 }
             }
+        } else if !self.f64_products {
+            // X (f32) column-major [t, d]; C = lower(X^T X) in f32; lower(S) += C
+            let mut xs = vec![0.0f32; t * d];
+            for (i, row) in x.rows().into_iter().enumerate() {
+                for (j, &e) in row.iter().enumerate() {
+                    xs[j * t + i] = e;
+                }
+            }
+            let X = MatRef::from_column_major_slice(&xs, t, d);
+            let mut c = vec![0.0f32; d * d];
+            let C = faer::MatMut::from_column_major_slice_mut(&mut c, d, d);
+            triangular::matmul(
+                C,
+                BlockStructure::TriangularLower,
+                Accum::Replace,
+                X.transpose(),
+                BlockStructure::Rectangular,
+                X,
+                BlockStructure::Rectangular,
+                1.0f32,
+                self.par,
+            );
+            // column j of the lower triangle: rows j..d
+            for j in 0..d {
+                for i in j..d {
+                    self.S[j * d + i] += c[j * d + i] as f64;
+                }
+            }
         } else {
             // X (f64) column-major [t, d]; S += X^T X
             let xs: Vec<f64> = {
@@ -191,8 +236,11 @@ impl Hessian {
             H
         } else {
             let d = self.dim;
-            // S is symmetric: reading it column-major gives the same matrix.
-            Array2::from_shape_fn((d, d), |(i, j)| (c * self.S[j * d + i]) as f32)
+            // the lower triangle of S (column-major: (i, j) with i >= j at j * d + i), mirrored
+            Array2::from_shape_fn((d, d), |(i, j)| {
+                let (r, k) = if i >= j { (i, j) } else { (j, i) };
+                (c * self.S[k * d + r]) as f32
+            })
         }
     }
 

@@ -14,6 +14,12 @@
 //! O(d_col^2) per step, O(d_row d_col^3) for the layer: for small layers and teaching. Group
 //! parameters are static (fitted on the original row before any step), since the order is
 //! per row and greedy.
+//!
+//! Quality: without outlier channels the greedy order beats GPTQ's fixed order (as in the OBC
+//! paper); on inputs with strong outlier channels it trails GPTQ and, far more, act-order,
+//! because the greedy choice quantizes the outlier channels (largest `H_qq`, hence largest
+//! saliency) LAST, when few free weights remain to absorb their errors, while act-order
+//! quantizes them first. Pinned by `tests/obq_order.rs`; figures in `docs/solvers.md`.
 #![allow(non_snake_case)]
 
 use crate::gptq::{factor_with_retries, prepare};
@@ -180,7 +186,7 @@ pub fn obq_with_format(
         params.damp_percent,
         params.max_damp_retries,
         |damp| {
-            let mut Hd = prep.Hp.clone();
+            let mut Hd = prep.Hp.mapv(f64::from);
             for i in 0..n {
                 Hd[[i, i]] += damp;
             }

@@ -409,7 +409,7 @@ fn bad_inputs_are_clear_errors() {
         Array2::<f32>::eye(8).view(),
         &g,
         &GptqParams {
-            granularity: Granularity::Group(3),
+            granularity: Granularity::Group(0),
             ..Default::default()
         },
     )
@@ -523,4 +523,48 @@ fn f32_factorization_matches_reference() {
     assert!(same >= 510, "{same}/512 codes agree");
     let (la, lb) = (a.report.loss.unwrap(), b.report.loss.unwrap());
     assert!((la - lb).abs() < 1e-4 * lb, "{la} vs {lb}");
+}
+
+/// The f32 factorization on an ill-conditioned Hessian (8 outlier channels x20, the
+/// benchmark's layer shape at 256 columns): against the f64 factorization, codes agree on at
+/// least 99% of the weights (a code differs only where the f32 factor moves a weight across a
+/// rounding boundary, and its row then diverges slightly) and the relative output error
+/// agrees within 2%.
+#[test]
+fn f32_factorization_close_on_ill_conditioned_hessian() {
+    let g = UniformGrid::new(4, true).unwrap();
+    for seed in 0..2 {
+        let n = 256;
+        let H = quantlab_solvers::synth::correlated_hessian(n, seed, 8, Par::Seq);
+        let W = random_weight(64, n, seed + 3);
+        let p = GptqParams {
+            granularity: Granularity::Group(64),
+            ..Default::default()
+        };
+        let a = gptq_with_format(W.view(), H.view(), &g, &p).unwrap();
+        let b = gptq_with_format(
+            W.view(),
+            H.view(),
+            &g,
+            &GptqParams {
+                factor_in_f64: false,
+                ..p.clone()
+            },
+        )
+        .unwrap();
+        let same = a
+            .codes
+            .iter()
+            .zip(b.codes.iter())
+            .filter(|(x, y)| x == y)
+            .count();
+        let rate = same as f64 / (64.0 * n as f64);
+        let ea = rel_output_error(W.view(), a.q.view(), H.view()).unwrap();
+        let eb = rel_output_error(W.view(), b.q.view(), H.view()).unwrap();
+        assert!(rate >= 0.99, "seed {seed}: codes agree on {rate}");
+        assert!(
+            (ea - eb).abs() <= 0.02 * ea,
+            "seed {seed}: rel error f64 {ea} f32 {eb}"
+        );
+    }
 }
