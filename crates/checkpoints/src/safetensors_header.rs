@@ -126,6 +126,10 @@ impl SafetensorsHeader {
             .map_err(|e| bad("header", format!("JSON is not UTF-8: {e}")))?;
         let map: BTreeMap<String, serde_json::Value> = serde_json::from_str(text)
             .map_err(|e| bad("header", format!("not a JSON object of tensors: {e}")))?;
+        // serde_json keeps the last of repeated keys; such a header means different things to
+        // different readers (the `safetensors` crate rejects a repeated tensor field).
+        serde_json::from_str::<NoDuplicateKeys>(text)
+            .map_err(|e| bad("header", format!("ambiguous JSON: {e}")))?;
         drop(json);
 
         let mut metadata = BTreeMap::new();
@@ -211,4 +215,68 @@ struct RawInfo {
     dtype: Dtype,
     shape: Vec<u64>,
     data_offsets: [u64; 2],
+}
+
+/// Walks a JSON document and fails at the first object that repeats a key.
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E>(self, _: &str) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(serde::de::Error::custom(format!("repeated key {key:?}")));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+            seen.insert(key);
+        }
+        Ok(self)
+    }
 }

@@ -117,6 +117,33 @@ impl LlamaConfig {
                 return Err(bad(format!("{name} is 0")));
             }
         }
+        // The loader multiplies these sizes: a hostile config must not overflow them.
+        for (what, a, b) in [
+            (
+                "num_attention_heads x head_dim",
+                self.num_attention_heads,
+                self.head_dim,
+            ),
+            (
+                "num_key_value_heads x head_dim",
+                self.num_key_value_heads,
+                self.head_dim,
+            ),
+            (
+                "vocab_size x hidden_size",
+                self.vocab_size,
+                self.hidden_size,
+            ),
+            (
+                "intermediate_size x hidden_size",
+                self.intermediate_size,
+                self.hidden_size,
+            ),
+        ] {
+            if a.checked_mul(b).is_none() {
+                return Err(bad(format!("{what} ({a} x {b}) overflows")));
+            }
+        }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",

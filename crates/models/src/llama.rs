@@ -234,7 +234,9 @@ impl LlamaModel {
                 };
                 Ok(Box::new(DenseLinear::new(w, b)?))
             };
-        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        // Not `with_capacity(num_hidden_layers)`: the count comes from the file, and a hostile
+        // one would allocate before the first missing block is noticed.
+        let mut blocks = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let shapes = [

@@ -106,10 +106,24 @@ impl GgufWeights {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let mmap = map_file(&path)?;
-        let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| ModelError::Gguf {
+        let gguf_err = |detail: String| ModelError::Gguf {
             path: path.display().to_string(),
-            detail: e.to_string(),
-        })?;
+            detail,
+        };
+        // candle 0.11's reader panics on some hostile headers (it divides by a
+        // `general.alignment` of 0; docs/fuzzing.md): contain that as an error.
+        let content = std::panic::catch_unwind(|| Content::read(&mut Cursor::new(&mmap[..])))
+            .map_err(|p| {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                gguf_err(format!(
+                    "malformed header (candle's GGUF reader panicked: {what})"
+                ))
+            })?
+            .map_err(|e| gguf_err(e.to_string()))?;
         let mut names = BTreeMap::new();
         for gguf in content.tensor_infos.keys() {
             if let Some(hf) = gguf_to_hf_name(gguf) {
@@ -290,7 +304,8 @@ impl WeightSource for GgufWeights {
         if self.unpermute && (is_q || is_k) {
             let heads = if is_q { self.n_head } else { self.n_kv_head };
             let rows = t.dims()[0];
-            if heads == 0 || rows % (2 * heads) != 0 {
+            // `heads` comes from the metadata: `2 * heads` may overflow.
+            if heads == 0 || heads.checked_mul(2).is_none_or(|h2| rows % h2 != 0) {
                 return Err(self.gguf_err(format!(
                     "tensor `{gguf}` has {rows} rows, not a multiple of 2 x {heads} heads"
                 )));
