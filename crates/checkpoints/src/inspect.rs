@@ -303,3 +303,274 @@ fn array_type_name(a: &GgufArray) -> String {
         _ => a.element_type().name().to_string(),
     }
 }
+
+/// What a checkpoint holds as a quantized model: its layout, bits, group size and the
+/// bits per weight of its quantized linears, with the size on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantSummary {
+    /// The file or directory.
+    pub path: String,
+    /// `gguf <FILE TYPE>`, `gptq`, `gptq_v2`, `awq`, `bitsandbytes nf4`, `bitsandbytes fp4`,
+    /// `bitsandbytes int8`, `quantlab`, or `dense`.
+    pub format: String,
+    /// Bits of the codes (GGUF: of the file type), when one value holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<u32>,
+    /// Group size (`-1` = per row; GGUF: the block size of the file type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<i64>,
+    /// Number of quantized linear weights (matrices).
+    pub quantized_tensors: usize,
+    /// Their bits per weight: every byte stored for them (codes, scales, zeros, `g_idx`,
+    /// absmax, ...) over their number of weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_weight: Option<f64>,
+    /// Tensors per storage type (GGUF types, or safetensors dtypes).
+    pub types: BTreeMap<String, usize>,
+    /// Bytes on disk (every file of a directory).
+    pub size_bytes: u64,
+}
+
+/// [`QuantSummary`] of a GGUF file: the file type from `general.file_type`, the types of its
+/// tensors, and the bits per weight of the 2-D `blk.*` weights.
+pub fn summarize_gguf(path: &Path) -> Result<QuantSummary> {
+    let f = GgufFile::open(path)?;
+    let ftype = f
+        .get("general.file_type")
+        .and_then(|v| v.as_integer())
+        .map(|v| v as u32);
+    let name = ftype.map(llama_ftype_name).unwrap_or("unknown");
+    let mut types = BTreeMap::new();
+    let (mut bytes, mut n, mut count) = (0u64, 0u64, 0usize);
+    for t in &f.tensors {
+        *types.entry(t.ggml_type.name().to_string()).or_insert(0) += 1;
+        if t.name.starts_with("blk.") && t.dims.len() == 2 && t.ggml_type.is_quantized() {
+            bytes += t.n_bytes;
+            n += t.n_elements;
+            count += 1;
+        }
+    }
+    let main = ftype.and_then(ftype_main_type);
+    Ok(QuantSummary {
+        path: path.display().to_string(),
+        format: format!("gguf {name}"),
+        bits: main.map(|t| t.bits_per_weight().floor() as u32),
+        group_size: main.map(|t| t.block_size() as i64),
+        quantized_tensors: count,
+        bits_per_weight: (n > 0).then(|| 8.0 * bytes as f64 / n as f64),
+        types,
+        size_bytes: f.file_size,
+    })
+}
+
+/// llama.cpp's name of `general.file_type` (`enum llama_ftype`).
+pub fn llama_ftype_name(ft: u32) -> &'static str {
+    match ft {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => "other",
+    }
+}
+
+fn ftype_main_type(ft: u32) -> Option<crate::gguf::GgmlType> {
+    use crate::gguf::GgmlType as T;
+    Some(match ft {
+        0 => T::F32,
+        1 => T::F16,
+        2 => T::Q4_0,
+        3 => T::Q4_1,
+        7 => T::Q8_0,
+        8 => T::Q5_0,
+        9 => T::Q5_1,
+        10 => T::Q2_K,
+        11..=13 => T::Q3_K,
+        14 | 15 => T::Q4_K,
+        16 | 17 => T::Q5_K,
+        18 => T::Q6_K,
+        32 => T::BF16,
+        _ => return None,
+    })
+}
+
+/// [`QuantSummary`] of a Hugging Face directory: the layout from its config
+/// ([`crate::export::read::detect_format`]; a `quantization_config.json` with
+/// `quant_method: "quantlab"` is the project's own), bits and group size from the config,
+/// and bits per weight from the stored bytes of each quantized linear's tensors over its
+/// weights (shapes from the dequantized read-back).
+pub fn summarize_dir(dir: &Path) -> Result<QuantSummary> {
+    use crate::export::read::{
+        detect_format as detect_dir_format, read_quantized_dir, DetectedFormat,
+    };
+    let mut size = 0u64;
+    let mut shards = Vec::new();
+    for e in
+        std::fs::read_dir(dir).map_err(|e| CheckpointError::io(&dir.display().to_string(), e))?
+    {
+        let e = e.map_err(|e| CheckpointError::io(&dir.display().to_string(), e))?;
+        let p = e.path();
+        if p.is_file() {
+            size += e.metadata().map(|m| m.len()).unwrap_or(0);
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                shards.push(p);
+            }
+        }
+    }
+    shards.sort();
+    let read_json = |p: &Path| -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+    };
+    let mut types = BTreeMap::new();
+    let mut tensor_bytes: BTreeMap<String, u64> = BTreeMap::new();
+    for s in &shards {
+        let ins = inspect(s)?;
+        for t in ins.tensors {
+            *types.entry(t.dtype.clone()).or_insert(0) += 1;
+            tensor_bytes.insert(t.name, t.bytes);
+        }
+    }
+    let own = read_json(&dir.join("quantization_config.json"));
+    if let Some(q) = own.filter(|q| q["quant_method"] == "quantlab") {
+        let layers = q["layers"].as_object().cloned().unwrap_or_default();
+        let bpw: Vec<f64> = layers
+            .values()
+            .filter_map(|l| l["bits_per_weight"].as_f64())
+            .collect();
+        return Ok(QuantSummary {
+            path: dir.display().to_string(),
+            format: "quantlab".into(),
+            bits: q["bits"].as_u64().map(|b| b as u32),
+            group_size: q["group_size"].as_i64(),
+            quantized_tensors: bpw.len(),
+            bits_per_weight: (!bpw.is_empty()).then(|| bpw.iter().sum::<f64>() / bpw.len() as f64),
+            types,
+            size_bytes: size,
+        });
+    }
+    let fmt = detect_dir_format(dir)?;
+    let config = read_json(&dir.join("config.json")).unwrap_or_default();
+    let qc = &config["quantization_config"];
+    let (name, bits, gs) = match fmt {
+        DetectedFormat::Dense => ("dense".to_string(), None, None),
+        DetectedFormat::Gptq(f) => (
+            f.checkpoint_format().to_string(),
+            qc["bits"].as_u64().map(|b| b as u32),
+            qc["group_size"].as_i64(),
+        ),
+        DetectedFormat::Awq => (
+            "awq".into(),
+            qc["bits"]
+                .as_u64()
+                .or(qc["w_bit"].as_u64())
+                .map(|b| b as u32),
+            qc["group_size"].as_i64().or(qc["q_group_size"].as_i64()),
+        ),
+        DetectedFormat::Bnb4 => (
+            format!(
+                "bitsandbytes {}",
+                qc["bnb_4bit_quant_type"].as_str().unwrap_or("nf4")
+            ),
+            Some(4),
+            None,
+        ),
+        DetectedFormat::Int8 => ("bitsandbytes int8".into(), Some(8), Some(-1)),
+    };
+    let quantized_suffix = match fmt {
+        DetectedFormat::Gptq(_) | DetectedFormat::Awq => Some(".qweight"),
+        DetectedFormat::Bnb4 => Some(".weight.absmax"),
+        DetectedFormat::Int8 => Some(".SCB"),
+        DetectedFormat::Dense => None,
+    };
+    let prefixes: Vec<String> = match quantized_suffix {
+        Some(sfx) => tensor_bytes
+            .keys()
+            .filter_map(|k| k.strip_suffix(sfx).map(str::to_string))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut bpw = None;
+    let mut gs = gs;
+    if !prefixes.is_empty() {
+        let (_, weights) = read_quantized_dir(dir)?;
+        let (mut bytes, mut n) = (0u64, 0u64);
+        for p in &prefixes {
+            let w = format!("{p}.weight");
+            if let Some((_, a)) = weights.iter().find(|(name, _)| *name == w) {
+                n += a.len() as u64;
+                bytes += tensor_bytes
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&format!("{p}.")))
+                    .map(|(_, b)| *b)
+                    .sum::<u64>();
+            }
+        }
+        bpw = (n > 0).then(|| 8.0 * bytes as f64 / n as f64);
+        if matches!(fmt, DetectedFormat::Bnb4) {
+            // blocksize from the first quant state
+            let key = tensor_bytes
+                .keys()
+                .find(|k| k.contains(".weight.quant_state.bitsandbytes__"))
+                .cloned();
+            if let Some(k) = key {
+                for s in &shards {
+                    if let Ok(st) = read_u8_tensor(s, &k) {
+                        let v: Option<serde_json::Value> = serde_json::from_slice(&st).ok();
+                        gs = v.and_then(|v| v["blocksize"].as_i64());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(QuantSummary {
+        path: dir.display().to_string(),
+        format: name,
+        bits,
+        group_size: gs,
+        quantized_tensors: prefixes.len(),
+        bits_per_weight: bpw,
+        types,
+        size_bytes: size,
+    })
+}
+
+fn read_u8_tensor(file: &Path, name: &str) -> Result<Vec<u8>> {
+    let h = SafetensorsHeader::open(file)?;
+    let t =
+        h.tensors.iter().find(|t| t.name == name).ok_or_else(|| {
+            CheckpointError::malformed(&file.display().to_string(), name, "missing")
+        })?;
+    let mut f = std::fs::File::open(file)
+        .map_err(|e| CheckpointError::io(&file.display().to_string(), e))?;
+    use std::io::{Seek, SeekFrom};
+    let (a, b) = t.data_offsets;
+    f.seek(SeekFrom::Start(h.data_offset + a))
+        .map_err(|e| CheckpointError::io(&file.display().to_string(), e))?;
+    let mut buf = vec![0u8; b.saturating_sub(a).min(1 << 20) as usize];
+    f.read_exact(&mut buf)
+        .map_err(|e| CheckpointError::io(&file.display().to_string(), e))?;
+    Ok(buf)
+}
+
+/// [`summarize_gguf`] for a GGUF file, [`summarize_dir`] for a directory.
+pub fn summarize(path: &Path) -> Result<QuantSummary> {
+    if path.is_dir() {
+        summarize_dir(path)
+    } else {
+        summarize_gguf(path)
+    }
+}

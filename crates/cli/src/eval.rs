@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use quantlab::models::{perplexity_of_file, LlamaModel, LlamaTokenizer, PplParams};
+use quantlab::models::{perplexity_of_file, LlamaTokenizer, PplParams};
 
 /// Evaluate a model.
 #[derive(Args, Debug)]
@@ -62,7 +62,8 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 
 fn run_ppl(a: PplArgs) -> Result<()> {
     let path = crate::generate::resolve_model(&a.model)?;
-    let model = LlamaModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model = quantlab::pipeline::export::load_model(&path)
+        .with_context(|| format!("loading {}", path.display()))?;
     let tok = LlamaTokenizer::load(&path)?;
     let params = PplParams {
         ctx: a.ctx,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use quantlab::models::{generate_chat, GenerateParams, LlamaModel, LlamaTokenizer};
+use quantlab::models::{generate_chat, GenerateParams, LlamaTokenizer};
 
 /// Generate a reply to a prompt: the prompt is wrapped in the model's chat template (GGUF
 /// `tokenizer.chat_template` or `tokenizer_config.json`) as one user message, then decoded
@@ -50,7 +50,8 @@ pub fn resolve_model(model: &std::path::Path) -> Result<PathBuf> {
 /// Runs the verb.
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let path = resolve_model(&a.model)?;
-    let model = LlamaModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model = quantlab::pipeline::export::load_model(&path)
+        .with_context(|| format!("loading {}", path.display()))?;
     let tok = LlamaTokenizer::load(&path)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,

@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 use clap::Args;
-use quantlab::checkpoints::inspect::{FileFormat, Inspection, MetadataEntry};
+use quantlab::checkpoints::inspect::{
+    summarize, FileFormat, Inspection, MetadataEntry, QuantSummary,
+};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -10,7 +12,9 @@ use std::path::PathBuf;
 /// Arguments of `quantlab inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A GGUF or safetensors file (the format is detected from its first bytes, not the name).
+    /// A GGUF or safetensors file (the format is detected from its first bytes, not the
+    /// name), or a checkpoint directory (GPTQ, AWQ, bitsandbytes, quantlab, plain): its
+    /// format, bits, group size, bits per weight and size.
     pub file: PathBuf,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -19,11 +23,33 @@ pub struct InspectArgs {
 
 /// Runs `quantlab inspect`.
 pub fn run_inspect(args: InspectArgs) -> Result<()> {
-    let ins = quantlab::checkpoints::inspect(&args.file)?;
-    let text = if args.json {
-        serde_json::to_string_pretty(&ins)? + "\n"
+    let text = if args.file.is_dir() {
+        let q = summarize(&args.file)?;
+        if args.json {
+            serde_json::to_string_pretty(&q)? + "\n"
+        } else {
+            render_summary(&q)
+        }
     } else {
-        render(&ins)
+        let ins = quantlab::checkpoints::inspect(&args.file)?;
+        let q = match ins.format {
+            FileFormat::Gguf => Some(summarize(&args.file)?),
+            _ => None,
+        };
+        if args.json {
+            let mut v = serde_json::to_value(&ins)?;
+            if let (Some(o), Some(q)) = (v.as_object_mut(), &q) {
+                o.insert("quantization".into(), serde_json::to_value(q)?);
+            }
+            serde_json::to_string_pretty(&v)? + "\n"
+        } else {
+            let mut t = render(&ins);
+            if let Some(q) = &q {
+                t.push('\n');
+                t.push_str(&render_summary(q));
+            }
+            t
+        }
     };
     // A closed pipe (`| head`) is not an error worth a panic.
     match std::io::stdout().lock().write_all(text.as_bytes()) {
@@ -203,6 +229,35 @@ fn render(ins: &Inspection) -> String {
         ins.parameter_count,
         ins.total_bytes,
         human(ins.total_bytes)
+    );
+    out
+}
+
+/// The quantization summary of a GGUF file or a checkpoint directory.
+fn render_summary(q: &QuantSummary) -> String {
+    let mut out = String::new();
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let _ = writeln!(out, "checkpoint  {}", q.path);
+    let _ = writeln!(out, "format      {}", q.format);
+    let _ = writeln!(out, "bits        {}", opt(q.bits.map(|b| b.to_string())));
+    let _ = writeln!(
+        out,
+        "group size  {}",
+        opt(q.group_size.map(|g| g.to_string()))
+    );
+    let _ = writeln!(
+        out,
+        "bpw         {} ({} quantized linear weights)",
+        opt(q.bits_per_weight.map(|b| format!("{b:.3}"))),
+        q.quantized_tensors
+    );
+    let types: Vec<String> = q.types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+    let _ = writeln!(out, "types       {}", types.join(", "));
+    let _ = writeln!(
+        out,
+        "size        {} bytes ({})",
+        q.size_bytes,
+        human(q.size_bytes)
     );
     out
 }

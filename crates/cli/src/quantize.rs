@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use quantlab::pipeline::{
-    self, Calibration, EvalSpec, Method, Override, QuantizeConfig, QuantizeJob,
+    self, Calibration, EvalSpec, ExportFormat, Method, Override, QuantizeConfig, QuantizeJob,
 };
 
 /// The methods.
@@ -122,8 +122,18 @@ pub struct QuantizeArgs {
     /// AWQ: windows used to score the scale candidates on the block output.
     #[arg(long, default_value_t = 16)]
     pub awq_samples: usize,
-    /// Output directory (written atomically).
-    #[arg(long, value_name = "DIR", required_unless_present = "dry_run")]
+    /// Checkpoint layout: `quantlab` (the project's own directory, default), `gptq`
+    /// (checkpoint_format "gptq", zeros minus one, what transformers / AutoGPTQ / vLLM load),
+    /// `gptq_v2` (raw zeros, GPTQModel), `awq` (AutoAWQ GEMM, 4 bits), `bnb-nf4` / `bnb-fp4`
+    /// (bitsandbytes Linear4bit; --method nf4/fp4, or gptq for GPTQ on the codebook),
+    /// `bnb-int8` (LLM.int8; --method int8), or `gguf:<type>` with type q4_0, q4_1, q5_0,
+    /// q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f32, f16 (one .gguf file for llama.cpp;
+    /// --method gptq quantizes on the ggml block grid, --method rtn fits each block with the
+    /// calibration imatrix). Checked against the method before any work.
+    #[arg(long, default_value = "quantlab", value_name = "FORMAT")]
+    pub format: String,
+    /// Output directory (a .gguf file for --format gguf:*), written atomically.
+    #[arg(long, value_name = "PATH", required_unless_present = "dry_run")]
     pub out: Option<PathBuf>,
     /// Replace an existing output directory.
     #[arg(long)]
@@ -177,6 +187,7 @@ fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
         true_sequential: !a.no_true_sequential,
         awq_samples: a.awq_samples,
         awq_fold_only: false,
+        format: ExportFormat::parse(&a.format)?,
     };
     Ok(QuantizeJob {
         model: crate::generate::resolve_model(&a.model)?,

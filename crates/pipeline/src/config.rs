@@ -342,6 +342,11 @@ pub struct QuantizeConfig {
     /// AWQ: fold the searched scales into the model without quantizing (experiments; the
     /// saved model is then the float model re-parametrised).
     pub awq_fold_only: bool,
+    /// The checkpoint layout written (`--format`): the project's own directory (default),
+    /// GPTQ, AWQ, bitsandbytes or GGUF ([`crate::export::ExportFormat`]). Checked against the
+    /// method in [`QuantizeConfig::validate`]; GGUF and GPTQ-onto-bitsandbytes change the
+    /// number format the driver quantizes onto ([`QuantizeConfig::spec`]).
+    pub format: crate::export::ExportFormat,
 }
 
 impl Default for QuantizeConfig {
@@ -367,6 +372,7 @@ impl Default for QuantizeConfig {
             true_sequential: true,
             awq_samples: 16,
             awq_fold_only: false,
+            format: crate::export::ExportFormat::Quantlab,
         }
     }
 }
@@ -408,11 +414,13 @@ impl LayerPlan {
             return 16.0;
         }
         let f = self.spec.build();
-        let per_group = match self.granularity {
-            Granularity::PerTensor => self.shape.0 * self.shape.1,
-            _ => self.granularity.group_len(self.shape.1),
+        let (out, inp) = self.shape;
+        let groups = match self.granularity {
+            Granularity::PerTensor => 1.0 / out as f64,
+            // a short last group costs a whole parameter set
+            _ => inp.div_ceil(self.granularity.group_len(inp)) as f64,
         };
-        f.code_bits() as f64 + f.param_bits() / per_group as f64
+        f.code_bits() as f64 + f.param_bits() * groups / inp as f64
     }
 }
 
@@ -546,6 +554,7 @@ impl QuantizeConfig {
                 "0: use at least 1 window",
             ));
         }
+        self.format.check_config(self)?;
         if self.awq_fold_only && !m.uses_awq() {
             return Err(PipelineError::option(
                 "awq_fold_only",
@@ -606,14 +615,16 @@ impl QuantizeConfig {
     /// assert_eq!(plan.layers.len(), 14);
     /// // 4-bit codes plus one f16 scale per 32 weights
     /// assert!((plan.layers[0].estimated_bits_per_weight() - 4.5).abs() < 1e-12);
-    /// let bad = QuantizeConfig { group_size: Some(64), ..cfg };
+    /// // integer grids take a short last group: down_proj's 96 columns are groups of 64 + 32
+    /// let ragged = QuantizeConfig { group_size: Some(64), ..cfg.clone() };
+    /// let p = ragged.plan(&mc).unwrap();
+    /// assert!((p.layers[6].estimated_bits_per_weight() - (4.0 + 2.0 * 16.0 / 96.0)).abs() < 1e-12);
+    /// // bitsandbytes' flat blocks cannot be ragged
+    /// let bad = QuantizeConfig { method: Method::Nf4, group_size: Some(64), ..cfg };
     /// assert!(bad.plan(&mc).unwrap_err().to_string().contains("down_proj"));
     /// ```
     pub fn plan(&self, mc: &LlamaConfig) -> Result<Plan> {
-        self.validate()?;
         let m = self.method;
-        let bits = self.bits.unwrap_or(m.default_bits());
-        let group_size = self.group_size.unwrap_or(m.default_group_size());
         let d = mc.hidden_size;
         let q_out = mc.num_attention_heads * mc.head_dim;
         let kv_out = mc.num_key_value_heads * mc.head_dim;
@@ -626,12 +637,52 @@ impl QuantizeConfig {
             (mc.intermediate_size, d),
             (d, mc.intermediate_size),
         ];
+        let linears: Vec<(String, usize, usize, (usize, usize))> = (0..mc.num_hidden_layers)
+            .flat_map(|block| {
+                BLOCK_LINEARS.iter().enumerate().map(move |(kind, l)| {
+                    (
+                        format!("model.layers.{block}.{l}"),
+                        block,
+                        kind,
+                        shapes[kind],
+                    )
+                })
+            })
+            .collect();
+        let mut plan = self.plan_linears(&linears, "model.layers.0.mlp.down_proj")?;
+        if m.uses_awq() && mc.num_key_value_heads != mc.num_attention_heads {
+            plan.notes.insert(0, format!(
+                "AWQ: v_proj -> o_proj scaling skipped: the model uses grouped-query attention ({} KV heads for {} heads)",
+                mc.num_key_value_heads, mc.num_attention_heads
+            ));
+        }
+        crate::export::adjust_plan(self, &mut plan)?;
+        Ok(plan)
+    }
+
+    /// The architecture-independent part of [`QuantizeConfig::plan`]: resolves defaults, skips
+    /// and overrides for `linears` given as `(full name, block, index within the block,
+    /// (out, in))` in forward order. `example` is a linear name shown when a pattern matches
+    /// nothing.
+    pub fn plan_linears(
+        &self,
+        linears: &[(String, usize, usize, (usize, usize))],
+        example: &str,
+    ) -> Result<Plan> {
+        self.validate()?;
+        let m = self.method;
+        let bits = self.bits.unwrap_or(m.default_bits());
+        let group_size = self.group_size.unwrap_or(
+            self.format
+                .default_group_size(m)
+                .unwrap_or(m.default_group_size()),
+        );
         let mut layers = Vec::new();
         let mut used_skip = vec![false; self.skip.len()];
         let mut used_override = vec![false; self.overrides.len()];
-        for block in 0..mc.num_hidden_layers {
-            for (kind, l) in BLOCK_LINEARS.iter().enumerate() {
-                let name = format!("model.layers.{block}.{l}");
+        {
+            for (name, block, kind, shape) in linears {
+                let (name, block, kind, shape) = (name.clone(), *block, *kind, *shape);
                 let mut skip = false;
                 for (i, p) in self.skip.iter().enumerate() {
                     if matches(p, &name) {
@@ -656,15 +707,17 @@ impl QuantizeConfig {
                         damp = o.damp.unwrap_or(damp);
                     }
                 }
-                let shape = shapes[kind];
                 let granularity = Granularity::from_group_size(g)?;
-                if !skip {
+                // Integer grids allow a short last group (`ceil(in / g)` groups, as
+                // reference GPTQ and every GPTQ checkpoint do); the bitsandbytes codebooks
+                // store flat blocks, which a ragged row would misalign.
+                if !skip && !m.is_uniform() {
                     if let Granularity::Group(gl) = granularity {
                         if shape.1 % gl != 0 {
                             return Err(PipelineError::option(
                                 "--group-size",
                                 format!(
-                                    "{gl} does not divide the {} input columns of `{name}`; use a divisor of {} (or -1), or --skip / --override it",
+                                    "{gl} does not divide the {} input columns of `{name}`; {m} stores flat blocks, so use a divisor of {} (or -1), or --skip / --override it",
                                     shape.1, shape.1
                                 ),
                             ));
@@ -691,7 +744,10 @@ impl QuantizeConfig {
         if let Some(i) = used_skip.iter().position(|u| !u) {
             return Err(PipelineError::option(
                 "--skip",
-                format!("`{}` matches no linear of the blocks (names look like model.layers.0.mlp.down_proj)", self.skip[i]),
+                format!(
+                    "`{}` matches no linear of the blocks (names look like {example})",
+                    self.skip[i]
+                ),
             ));
         }
         if let Some(i) = used_override.iter().position(|u| !u) {
@@ -704,16 +760,8 @@ impl QuantizeConfig {
             ));
         }
         let mut notes = Vec::new();
-        if m.uses_awq() {
-            if mc.num_key_value_heads != mc.num_attention_heads {
-                notes.push(format!(
-                    "AWQ: v_proj -> o_proj scaling skipped: the model uses grouped-query attention ({} KV heads for {} heads)",
-                    mc.num_key_value_heads, mc.num_attention_heads
-                ));
-            }
-            if m == Method::AwqGptq {
-                notes.push("awq+gptq: AWQ scales only (no clipping), then GPTQ on the scaled weights with the Hessians of the block's float forward".into());
-            }
+        if m == Method::AwqGptq {
+            notes.push("awq+gptq: AWQ scales only (no clipping: GPTQ fits each group's range itself; add --mse for a range search), then true-sequential GPTQ on the scaled weights".into());
         }
         if !m.needs_calibration() {
             notes.push(format!("{m}: the calibration data only measures each layer's output error (one capture per block)"));
@@ -729,6 +777,9 @@ impl QuantizeConfig {
 
     /// The number format for `bits` / `sym` under this method.
     pub fn spec(&self, bits: u32, sym: bool) -> Result<FormatSpec> {
+        if let Some(s) = self.format.spec_override(self.method) {
+            return Ok(s);
+        }
         Ok(match self.method {
             Method::Nf4 => FormatSpec::Nf4,
             Method::Fp4 => FormatSpec::Fp4,

@@ -24,9 +24,12 @@
 //! stubbed), `v -> o` (only without grouped-query attention; otherwise skipped) scored on
 //! `o`'s output, `post_attention_layernorm -> [gate, up]` scored on the block output, and
 //! `up -> down` scored on `down`'s output; the block-level scores use the first
-//! `awq_samples` windows. Then all scales are applied, the clip search runs on every linear
-//! but q and k (scaled weights, scaled inputs), and the weights are quantized (RTN, or GPTQ
-//! with the scaled Hessian `diag(1/s) H diag(1/s)` for `awq+gptq`, which skips the clipping).
+//! `awq_samples` windows. Then all scales are applied. `awq`: the clip search runs on every
+//! linear but q and k (scaled weights, scaled inputs), then RTN. `awq+gptq`: the scaled block
+//! (still the same function) is put in memory and GPTQ runs on the scaled weights in the
+//! true-sequential order above, each group's Hessians captured with the groups before it
+//! quantized and taken to the scaled domain (`diag(1/s) H diag(1/s)` for the linears fed by a
+//! norm); it skips the clipping, since GPTQ fits each group's range as it sweeps.
 //! In memory the norms stay as they are and the linears fed by a norm hold
 //! `Q(W diag(s)) diag(1/s)`; the saved checkpoint folds `1/s` into the norm instead.
 #![allow(non_snake_case)]
@@ -401,7 +404,7 @@ fn set(model: &mut LlamaModel, name: &str, w: ArrayView2<f32>) -> Result<()> {
 }
 
 /// Quantize one weight with the plan's solver: GPTQ for the GPTQ methods, RTN otherwise.
-fn solve(
+pub(crate) fn solve(
     lp: &LayerPlan,
     method: Method,
     cfg: &QuantizeConfig,
@@ -418,6 +421,12 @@ fn solve(
             ..Default::default()
         };
         gptq(W, H, &lp.spec, &p)
+    } else if let quantlab_grids::FormatSpec::Ggml(grid) = lp.spec {
+        // llama.cpp's imatrix: block scales weighted by diag(X^T X) of the capture
+        let imp: Vec<f32> = H.diag().iter().map(|v| v.max(0.0)).collect();
+        quantlab_grids::ggml::quantize_ggml_weighted(&lp.name, W, grid, Some(&imp))
+            .map_err(quantlab_solvers::SolverError::from)
+            .and_then(|lin| rtn_report(W, H, lin))
     } else {
         rtn(W, None, &lp.spec, lp.granularity)
     }
@@ -429,7 +438,31 @@ fn solve(
     Ok((lin, rep))
 }
 
-fn report(
+/// The report of an importance-weighted RTN solve (`--format gguf:*` with `--method rtn`).
+fn rtn_report(
+    W: ArrayView2<f32>,
+    H: ArrayView2<f32>,
+    lin: QuantizedLinear,
+) -> quantlab_solvers::Result<(QuantizedLinear, SolveReport)> {
+    let Wq = lin.dequantize();
+    let loss = 0.5 * quantlab_solvers::output_error(W, Wq.view(), H)?;
+    let rep = SolveReport {
+        method: "rtn-imatrix".into(),
+        format: lin.spec.build().name(),
+        shape: W.dim(),
+        loss: Some(loss),
+        damp_percent: 0.0,
+        damp: 0.0,
+        damp_retries: Vec::new(),
+        dead_columns: 0,
+        seconds: 0.0,
+        order: None,
+        phases: Vec::new(),
+    };
+    Ok((lin, rep))
+}
+
+pub(crate) fn report(
     lp: &LayerPlan,
     lin: Option<&QuantizedLinear>,
     rep: Option<&SolveReport>,
@@ -553,63 +586,18 @@ pub fn quantize_model(
                 &ctl,
             )?;
         } else {
-            let sequential = cfg.true_sequential && cfg.method.needs_calibration();
-            let passes: Vec<(Vec<usize>, Vec<usize>)> = if sequential {
-                GROUPS
-                    .iter()
-                    .map(|(g, s)| (g.to_vec(), s.to_vec()))
-                    .collect()
-            } else {
-                vec![((0..7).collect(), vec![])]
-            };
-            for (group, stub) in passes {
-                ctl.check()?;
-                let active: Vec<usize> = group.iter().copied().filter(|&k| !lps[k].skip).collect();
-                if active.is_empty() {
-                    continue;
-                }
-                // one capture per distinct input: q/k/v and gate/up share theirs
-                let mut targets: Vec<usize> = Vec::new();
-                for &k in &active {
-                    let rep = input_of(k);
-                    if !targets.iter().any(|&x| input_of(x) == rep) {
-                        targets.push(k);
-                    }
-                }
-                bar_layers.set_message(format!("block {i}: capturing {}", group_label(&active)));
-                let caps = capture(model, i, &inps, &targets, &stub, None, &mut t)?;
-                for &k in &active {
-                    ctl.check()?;
-                    let lp = &lps[k];
-                    bar_layers.set_message(format!("block {i}: {}", BLOCK_LINEARS[k]));
-                    let src = targets
-                        .iter()
-                        .copied()
-                        .find(|&x| input_of(x) == input_of(k))
-                        .expect("target");
-                    let H = caps[&src].H.finish();
-                    let ts = Instant::now();
-                    let W = weight_of(model, &lp.name)?;
-                    let (lin, rep) = solve(lp, cfg.method, cfg, W.view(), H.view())?;
-                    let Qw = lin.dequantize();
-                    let rel = rel_output_error(W.view(), Qw.view(), H.view())
-                        .map_err(|e| PipelineError::solver(&lp.name, e))?;
-                    set(model, &lp.name, Qw.view())?;
-                    let secs = ts.elapsed().as_secs_f64();
-                    t.solver += secs;
-                    let r = report(lp, Some(&lin), Some(&rep), rel, secs);
-                    out[k] = Some((
-                        QuantizedLayer {
-                            name: lp.name.clone(),
-                            linear: Some(lin),
-                            input_scale: None,
-                            norm_scale: None,
-                        },
-                        r,
-                    ));
-                    bar_layers.inc(1);
-                }
-            }
+            solve_block(
+                model,
+                i,
+                &inps,
+                lps,
+                cfg,
+                None,
+                &mut out,
+                &mut t,
+                &bar_layers,
+                &ctl,
+            )?;
         }
         for (k, o) in out.into_iter().enumerate() {
             let (ql, r) = o.unwrap_or_else(|| {
@@ -646,6 +634,100 @@ pub fn quantize_model(
         norm_scales,
         timings: t,
     })
+}
+
+/// Per block: the seven linears' results as the driver collects them.
+type BlockOut = [Option<(QuantizedLayer, LayerReport)>];
+
+/// GPTQ or RTN on the linears of block `i`, group by group: the true-sequential groups for
+/// GPTQ methods (each group's inputs captured with the groups before it already quantized),
+/// one capture of all inputs otherwise.
+///
+/// `scaled` (AWQ+GPTQ): the scaled weights `W'` of the seven linears and, for the linears fed
+/// by a norm, the scale `s` that their in-memory weight `W' diag(1/s)` is divided by. Their
+/// captured inputs are then the unscaled `x`, whose scaled-domain Hessian is
+/// `diag(1/s) H diag(1/s)`; the other linears (`o` after `v`, `down` after `up`) see inputs
+/// already divided by their scale, because the preceding linear's rows were.
+fn solve_block(
+    model: &mut LlamaModel,
+    i: usize,
+    inps: &[Tensor],
+    lps: &[LayerPlan],
+    cfg: &QuantizeConfig,
+    scaled: Option<(&[Array2<f32>], &[Option<Array1<f32>>])>,
+    out: &mut BlockOut,
+    t: &mut Timings,
+    bar_layers: &ProgressBar,
+    ctl: &Control<'_>,
+) -> Result<()> {
+    let sequential = cfg.true_sequential && cfg.method.needs_calibration();
+    let passes: Vec<(Vec<usize>, Vec<usize>)> = if sequential {
+        GROUPS
+            .iter()
+            .map(|(g, s)| (g.to_vec(), s.to_vec()))
+            .collect()
+    } else {
+        vec![((0..7).collect(), vec![])]
+    };
+    for (group, stub) in passes {
+        ctl.check()?;
+        let active: Vec<usize> = group.iter().copied().filter(|&k| !lps[k].skip).collect();
+        if active.is_empty() {
+            continue;
+        }
+        // one capture per distinct input: q/k/v and gate/up share theirs
+        let mut targets: Vec<usize> = Vec::new();
+        for &k in &active {
+            let rep = input_of(k);
+            if !targets.iter().any(|&x| input_of(x) == rep) {
+                targets.push(k);
+            }
+        }
+        bar_layers.set_message(format!("block {i}: capturing {}", group_label(&active)));
+        let caps = capture(model, i, inps, &targets, &stub, None, t)?;
+        for &k in &active {
+            ctl.check()?;
+            let lp = &lps[k];
+            bar_layers.set_message(format!("block {i}: {}", BLOCK_LINEARS[k]));
+            let src = targets
+                .iter()
+                .copied()
+                .find(|&x| input_of(x) == input_of(k))
+                .expect("target");
+            let ts = Instant::now();
+            let norm_s = scaled.and_then(|(_, ns)| ns[k].as_ref());
+            let H = match norm_s {
+                Some(s) => scale_hessian(&caps[&src].H.finish(), s),
+                None => caps[&src].H.finish(),
+            };
+            let W = match scaled {
+                Some((ws, _)) => ws[k].clone(),
+                None => weight_of(model, &lp.name)?,
+            };
+            let (lin, rep) = solve(lp, cfg.method, cfg, W.view(), H.view())?;
+            let mut Qw = lin.dequantize();
+            let rel = rel_output_error(W.view(), Qw.view(), H.view())
+                .map_err(|e| PipelineError::solver(&lp.name, e))?;
+            if let Some(s) = norm_s {
+                Qw /= &s.view().insert_axis(Axis(0));
+            }
+            set(model, &lp.name, Qw.view())?;
+            let secs = ts.elapsed().as_secs_f64();
+            t.solver += secs;
+            let r = report(lp, Some(&lin), Some(&rep), rel, secs);
+            out[k] = Some((
+                QuantizedLayer {
+                    name: lp.name.clone(),
+                    linear: Some(lin),
+                    input_scale: None,
+                    norm_scale: None,
+                },
+                r,
+            ));
+            bar_layers.inc(1);
+        }
+    }
+    Ok(())
 }
 
 /// Which linears share an input: q/k/v -> 0, o -> 3, gate/up -> 4, down -> 6.
@@ -862,6 +944,83 @@ fn awq_block(
             w
         })
         .collect();
+    if cfg.method == Method::AwqGptq && !cfg.awq_fold_only {
+        // AWQ+GPTQ: put the scaled (still float, same function) block in memory, then GPTQ
+        // true-sequentially on the scaled weights with Hessians captured as it goes
+        let norm_s: Vec<Option<Array1<f32>>> = (0..7)
+            .map(|k| matches!(k, Q | K | V | GATE | UP).then(|| col(k).clone()))
+            .collect();
+        for k in 0..7 {
+            let mut mem = Ws[k].clone();
+            if let Some(s) = &norm_s[k] {
+                mem /= &s.view().insert_axis(Axis(0));
+            }
+            set(model, &lps[k].name, mem.view())?;
+        }
+        t.awq_search += ts.elapsed().as_secs_f64();
+        solve_block(
+            model,
+            i,
+            inps,
+            lps,
+            cfg,
+            Some((&Ws, &norm_s)),
+            out,
+            t,
+            bar,
+            ctl,
+        )?;
+        for (k, o) in out.iter_mut().enumerate() {
+            if let Some((ql, r)) = o.as_mut() {
+                ql.input_scale = Some(col(k).clone());
+                ql.norm_scale = norm_s[k].clone();
+                r.awq_alpha = alpha(k);
+            }
+        }
+    } else {
+        let cols: Vec<Array1<f32>> = (0..7).map(|k| col(k).clone()).collect();
+        let alphas: Vec<Option<f64>> = (0..7).map(alpha).collect();
+        awq_quantize(
+            model, i, lps, cfg, &stats, &Ws, &cols, &alphas, out, t, bar, ctl, ts,
+        )?;
+    }
+    if a_qkv.is_some() {
+        norm_scales.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            s_qkv.clone(),
+        );
+    }
+    if a_gu.is_some() {
+        norm_scales.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            s_gu.clone(),
+        );
+    }
+    Ok(())
+}
+
+/// AWQ's own quantization of a scaled block: the clip search (not for q and k), then RTN, with
+/// the float block's statistics.
+fn awq_quantize(
+    model: &mut LlamaModel,
+    i: usize,
+    lps: &[LayerPlan],
+    cfg: &QuantizeConfig,
+    stats: &BTreeMap<usize, AwqStats>,
+    Ws: &[Array2<f32>],
+    cols: &[Array1<f32>],
+    alphas: &[Option<f64>],
+    out: &mut BlockOut,
+    t: &mut Timings,
+    bar: &ProgressBar,
+    ctl: &Control<'_>,
+    ts: Instant,
+) -> Result<()> {
+    let ones = |n: usize| Array1::<f32>::ones(n);
+    let params_for = |k: usize| AwqParams {
+        granularity: lps[k].granularity,
+        ..Default::default()
+    };
     let Hs: BTreeMap<usize, (Array2<f32>, Array2<f32>)> = [Q, O, GATE, DOWN]
         .into_iter()
         .map(|k| {
@@ -869,8 +1028,8 @@ fn awq_block(
             (
                 k,
                 (
-                    scale_hessian(&st.H, col(k)),
-                    scale_hessian(&st.H_clip, col(k)),
+                    scale_hessian(&st.H, &cols[k]),
+                    scale_hessian(&st.H_clip, &cols[k]),
                 ),
             )
         })
@@ -915,33 +1074,21 @@ fn awq_block(
         }
         // in memory, the norm keeps its weight: undo its share of the scale
         if norm_fed {
-            mem /= &col(k).view().insert_axis(Axis(0));
+            mem /= &cols[k].view().insert_axis(Axis(0));
         }
         set(model, &lp.name, mem.view())?;
         let mut r = report(lp, lin.as_ref(), rep.as_ref(), rel, secs);
-        r.awq_alpha = alpha(k);
+        r.awq_alpha = alphas[k];
         let scaled = !lp.skip;
         out[k] = Some((
             QuantizedLayer {
                 name: lp.name.clone(),
                 linear: lin,
-                input_scale: scaled.then(|| col(k).clone()),
-                norm_scale: (scaled && norm_fed).then(|| col(k).clone()),
+                input_scale: scaled.then(|| cols[k].clone()),
+                norm_scale: (scaled && norm_fed).then(|| cols[k].clone()),
             },
             r,
         ));
-    }
-    if a_qkv.is_some() {
-        norm_scales.insert(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            s_qkv.clone(),
-        );
-    }
-    if a_gu.is_some() {
-        norm_scales.insert(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            s_gu.clone(),
-        );
     }
     Ok(())
 }

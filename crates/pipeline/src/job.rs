@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use crate::calib::{calibration_windows, Calibration};
 use crate::config::{Plan, QuantizeConfig};
 use crate::driver::{quantize_model, Control, DriverOutput};
+use crate::export::{write_export, ExportFormat, ExportInputs};
 use crate::report::{CalibrationFacts, EvalFacts, JobTimings, QuantizeReport};
 use crate::save::{save_quantized, SaveInputs};
 use crate::source::{read_config, SourceModel};
@@ -68,8 +69,24 @@ impl QuantizeJob {
 /// model's shapes, the calibration and eval files, the output directory. Returns the plan.
 pub fn prepare(job: &QuantizeJob) -> Result<(LlamaConfig, Plan)> {
     job.config.validate()?;
+    if crate::bert::is_bert_dir(&job.model) {
+        return Err(PipelineError::option(
+            "--model",
+            format!(
+                "{} is a BERT encoder: plan it with quantlab_pipeline::bert::plan_bert (run() and dry_run() do)",
+                job.model.display()
+            ),
+        ));
+    }
     let mc = read_config(&job.model)?;
     let plan = job.config.plan(&mc)?;
+    check_files(job)?;
+    Ok((mc, plan))
+}
+
+/// The checks of [`prepare`] that do not depend on the model: the calibration and eval
+/// files and the output directory.
+pub fn check_files(job: &QuantizeJob) -> Result<()> {
     if let Calibration::File { path, .. } = &job.calibration {
         if !path.is_file() {
             return Err(PipelineError::option(
@@ -116,7 +133,7 @@ pub fn prepare(job: &QuantizeJob) -> Result<(LlamaConfig, Plan)> {
                 ),
             ));
         }
-        if out.exists() && !out.is_dir() {
+        if out.exists() && !out.is_dir() && !job.config.format.writes_file() {
             return Err(PipelineError::option(
                 "--out",
                 format!("{} exists and is not a directory", out.display()),
@@ -139,7 +156,7 @@ pub fn prepare(job: &QuantizeJob) -> Result<(LlamaConfig, Plan)> {
             ));
         }
     }
-    Ok((mc, plan))
+    Ok(())
 }
 
 fn same_path(a: &Path, b: &Path) -> bool {
@@ -206,6 +223,9 @@ impl DryRun {
 
 /// Checks the job and estimates its cost without loading the weights.
 pub fn dry_run(job: &QuantizeJob) -> Result<DryRun> {
+    if crate::bert::is_bert_dir(&job.model) {
+        return crate::bert::dry_run_bert(job);
+    }
     let (mc, plan) = prepare(job)?;
     let c = &job.config;
     let tokens = c.nsamples * c.seqlen;
@@ -339,6 +359,7 @@ pub fn quantization_config_json(
         "quant_method": "quantlab",
         "quantlab_version": env!("CARGO_PKG_VERSION"),
         "method": c.method.name(),
+        "format": c.format.name(),
         "bits": plan.bits,
         "group_size": plan.group_size,
         "sym": c.sym,
@@ -376,6 +397,9 @@ fn dir_bytes(dir: &Path) -> Option<u64> {
 /// driver, perplexity after, then the atomic save. `cancel` (set by a Ctrl-C handler) stops
 /// the run at the next layer boundary; nothing is written then.
 pub fn run(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeReport> {
+    if crate::bert::is_bert_dir(&job.model) {
+        return crate::bert::run_bert(job, cancel);
+    }
     let t_job = Instant::now();
     let (_mc, plan) = prepare(job)?;
     let mut jt = JobTimings::default();
@@ -482,6 +506,7 @@ pub fn run(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeRep
         layers: out.reports.clone(),
         ppl_before,
         ppl_after,
+        embed_cosine: None,
         eval: eval_facts,
         calibration: calib.clone(),
         notes: plan.notes.clone(),
@@ -493,19 +518,50 @@ pub fn run(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeRep
         let kind = format!("{:?}", src.kind);
         let qc = quantization_config_json(job, &plan, &out, &calib, &kind);
         report.wall_seconds = t_job.elapsed().as_secs_f64();
-        let inputs = SaveInputs {
-            model: &src.model,
-            others: &src.others,
-            layers: &out.layers,
-            norm_scales: &out.norm_scales,
-            source: &job.model,
-            tokenizer: &src.tokenizer,
-            quant_config: qc,
-            report: serde_json::to_value(&report).expect("report serialises"),
-        };
-        save_quantized(dir, &inputs, job.overwrite, cancel)?;
+        if c.format == ExportFormat::Quantlab {
+            let inputs = SaveInputs {
+                model: &src.model,
+                others: &src.others,
+                layers: &out.layers,
+                norm_scales: &out.norm_scales,
+                source: &job.model,
+                tokenizer: &src.tokenizer,
+                quant_config: qc,
+                report: serde_json::to_value(&report).expect("report serialises"),
+            };
+            save_quantized(dir, &inputs, job.overwrite, cancel)?;
+        } else {
+            if let Some(c) = cancel {
+                if c.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(PipelineError::Interrupted);
+                }
+            }
+            if dir.exists() && !job.overwrite {
+                return Err(PipelineError::option(
+                    "--out",
+                    format!("{} already exists", dir.display()),
+                ));
+            }
+            let inputs = ExportInputs {
+                model: &src.model,
+                others: &src.others,
+                layers: &out.layers,
+                norm_scales: &out.norm_scales,
+                source: &job.model,
+                source_kind: src.kind,
+                tokenizer: &src.tokenizer,
+                config: c,
+                plan: &plan,
+                quant_config: qc,
+            };
+            write_export(dir, &inputs)?;
+        }
         report.job_timings.save = t0.elapsed().as_secs_f64();
-        report.file_bytes = dir_bytes(dir);
+        report.file_bytes = if dir.is_file() {
+            std::fs::metadata(dir).ok().map(|m| m.len())
+        } else {
+            dir_bytes(dir)
+        };
     }
     report.wall_seconds = t_job.elapsed().as_secs_f64();
     Ok(report)

@@ -10,8 +10,11 @@
 //!   [`quantlab_models::LlamaModel`];
 //! * [`save`]: the project's checkpoint (a Hugging Face directory + the codes), written
 //!   atomically, and its reader;
+//! * [`export`]: `--format` (GPTQ, AWQ, bitsandbytes, GGUF checkpoints) and a loader for all
+//!   of them ([`export::load_model`]);
 //! * [`job`]: `quantlab quantize` as one call ([`job::run`]), with `--dry-run` ([`job::dry_run`]);
-//! * [`report`]: per-layer and total figures.
+//! * [`report`]: per-layer and total figures;
+//! * [`bert`]: the same recipe on BERT encoders (sentence-transformers directories).
 //!
 //! From a notebook, with the model already loaded:
 //!
@@ -28,10 +31,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bert;
 pub mod calib;
 pub mod config;
 pub mod driver;
 mod error;
+pub mod export;
 pub mod job;
 pub mod layer;
 pub mod report;
@@ -42,6 +47,7 @@ pub use calib::Calibration;
 pub use config::{LayerPlan, Method, Override, Plan, QuantizeConfig};
 pub use driver::{quantize_model, Control, DriverOutput, LayerReport, QuantizedLayer, Timings};
 pub use error::{PipelineError, Result};
+pub use export::ExportFormat;
 pub use job::{dry_run, prepare, run, DryRun, EvalSpec, QuantizeJob};
 pub use report::QuantizeReport;
 pub use save::{load_quantized, save_quantized, QuantizedCheckpoint};

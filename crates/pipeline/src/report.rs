@@ -90,6 +90,10 @@ pub struct QuantizeReport {
     /// Perplexity of the quantized model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ppl_after: Option<f64>,
+    /// Encoders (BERT): mean cosine similarity between the quantized and the float model's
+    /// sentence embeddings of the eval text's sentences.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embed_cosine: Option<f64>,
     /// Evaluation facts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalFacts>,
@@ -205,6 +209,15 @@ impl QuantizeReport {
                     "{b:.3} -> {a:.3} ({} windows of {} tokens)",
                     e.map_or(0, |e| e.windows),
                     e.map_or(0, |e| e.ctx)
+                ),
+            ));
+        }
+        if let Some(c) = self.embed_cosine {
+            kv.push((
+                "embedding cosine".into(),
+                format!(
+                    "{c:.5} (quantized vs float, {} sentences)",
+                    self.eval.as_ref().map_or(0, |e| e.windows)
                 ),
             ));
         }

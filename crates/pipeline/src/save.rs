@@ -286,7 +286,7 @@ fn write_all(dir: &Path, inp: &SaveInputs<'_>) -> Result<()> {
     Ok(())
 }
 
-fn linear_tensors(q: &QuantizedLinear) -> Result<Vec<(&'static str, Tensor)>> {
+pub(crate) fn linear_tensors(q: &QuantizedLinear) -> Result<Vec<(&'static str, Tensor)>> {
     let (out, inp) = q.shape();
     let mut v = vec![
         (
@@ -404,7 +404,11 @@ pub fn load_quantized(dir: &Path) -> Result<QuantizedCheckpoint> {
             q.nested = Some(NestedScales {
                 codes: c.to_vec1::<u8>().ctx("dq_codes")?,
                 nested_absmax: get("dq_absmax")?.to_vec1::<f32>().ctx("dq_absmax")?,
-                offset: get("dq_offset")?.to_vec1::<f32>().ctx("dq_offset")?[0],
+                offset: *get("dq_offset")?
+                    .to_vec1::<f32>()
+                    .ctx("dq_offset")?
+                    .first()
+                    .ok_or_else(|| bad(format!("tensor `{name}.dq_offset` is empty")))?,
                 blocksize: bs,
             });
         }

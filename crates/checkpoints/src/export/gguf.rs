@@ -460,8 +460,27 @@ impl Entry {
 /// whole blocks, a byte length that does not match the shape, q/k rows that are not a
 /// multiple of twice the heads, I/O.
 pub fn write_gguf(path: &Path, source_gguf: &Path, tensors: &[(String, GgufTensor)]) -> Result<()> {
+    write_gguf_typed(path, source_gguf, tensors, None)
+}
+
+/// [`write_gguf`] with `general.file_type` given as the type the file was asked for
+/// (`file_type_of(ty)`, e.g. Q4_K -> 14, Q4_K_S) rather than the most common type of the
+/// block weights (a Q4_K file of a model whose rows are mostly not multiples of 256 holds
+/// mostly the fallback type). `None`: the most common type.
+pub fn write_gguf_typed(
+    path: &Path,
+    source_gguf: &Path,
+    tensors: &[(String, GgufTensor)],
+    file_type: Option<GgmlType>,
+) -> Result<()> {
     let src = GgufFile::open(source_gguf)?;
-    write_impl(path, &src.metadata, tensors, Some((source_gguf, &src)))
+    write_impl(
+        path,
+        &src.metadata,
+        tensors,
+        Some((source_gguf, &src)),
+        file_type,
+    )
 }
 
 /// Like [`write_gguf`] with the metadata given directly (no source file, nothing copied):
@@ -472,7 +491,18 @@ pub fn write_gguf_metadata(
     metadata: &[(String, GgufValue)],
     tensors: &[(String, GgufTensor)],
 ) -> Result<()> {
-    write_impl(path, metadata, tensors, None)
+    write_impl(path, metadata, tensors, None, None)
+}
+
+/// [`write_gguf_metadata`] with `general.file_type` from `file_type` (see
+/// [`write_gguf_typed`]).
+pub fn write_gguf_metadata_typed(
+    path: &Path,
+    metadata: &[(String, GgufValue)],
+    tensors: &[(String, GgufTensor)],
+    file_type: Option<GgmlType>,
+) -> Result<()> {
+    write_impl(path, metadata, tensors, None, file_type)
 }
 
 fn meta_uint(meta: &[(String, GgufValue)], key: &str) -> Option<usize> {
@@ -487,6 +517,7 @@ fn write_impl(
     metadata: &[(String, GgufValue)],
     tensors: &[(String, GgufTensor)],
     source: Option<(&Path, &GgufFile)>,
+    file_type: Option<GgmlType>,
 ) -> Result<()> {
     let arch = metadata
         .iter()
@@ -594,12 +625,14 @@ fn write_impl(
             _ => Some(c),
         })
         .map(|c| c.0);
+    let any_quantized = entries.iter().any(|e| e.ty.is_quantized());
+    let main_ty = file_type.or(main_ty);
     let mut meta: Vec<(String, GgufValue)> = metadata
         .iter()
         .filter(|(k, _)| !dropped_key(k))
         .cloned()
         .collect();
-    let quantized = main_ty.is_some_and(|t| t.is_quantized());
+    let quantized = main_ty.is_some_and(|t| t.is_quantized()) || any_quantized;
     if quantized {
         meta.push(("general.quantization_version".into(), GgufValue::U32(2)));
     }

@@ -192,6 +192,13 @@ fn quant_config(dir: &Path, config: &Value) -> Result<Option<Value>> {
         let p = dir.join(f);
         if p.is_file() {
             let mut v = read_json(&p)?;
+            if !v.is_object() {
+                return Err(CheckpointError::malformed(
+                    &p.display().to_string(),
+                    "JSON",
+                    "expected an object of quantization settings".to_string(),
+                ));
+            }
             if v.get("quant_method").is_none() {
                 v["quant_method"] = Value::String(method.into());
             }
@@ -401,7 +408,13 @@ pub fn read_quantized_dir(dir: &Path) -> Result<(Value, NamedWeights)> {
                 } else {
                     Bnb4Absmax::Plain(a.floats(&an)?)
                 };
-                let n = shape[0] * shape[1];
+                let Some(n) = shape[0].checked_mul(shape[1]) else {
+                    return Err(pack_err(
+                        "bitsandbytes 4-bit",
+                        &wn,
+                        format!("quant_state shape {shape:?} overflows"),
+                    ));
+                };
                 let bytes = w.bytes(&wn)?.to_vec();
                 let blocks = n.div_ceil(qs.blocksize.max(1));
                 let n_absmax = match &absmax {
