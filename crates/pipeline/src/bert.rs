@@ -49,7 +49,6 @@ use crate::driver::{report, solve, to_array, to_tensor, LayerReport, Timings};
 use crate::error::TensorContext;
 use crate::job::QuantizeJob;
 use crate::report::{CalibrationFacts, EvalFacts, JobTimings, QuantizeReport};
-use crate::save::temp_dir_for;
 use crate::{PipelineError, Result};
 
 const Q: usize = 0;
@@ -453,12 +452,8 @@ fn save_bert(
     rep: &QuantizeReport,
     cancel: Option<&AtomicBool>,
 ) -> Result<()> {
-    let tmp = temp_dir_for(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| PipelineError::io(&tmp, e))?;
-    }
-    let r = (|| -> Result<()> {
-        copy_dir(&job.model, &tmp)?;
+    crate::save::write_dir_atomically(out, cancel, |tmp| {
+        copy_dir(&job.model, tmp)?;
         // every source tensor, f32, with the block linears replaced by their dequantized codes
         let src = job.model.join("model.safetensors");
         let tensors = candle_core::safetensors::load(&src, &Device::Cpu).map_err(|e| {
@@ -515,21 +510,7 @@ fn save_bert(
             &tmp.join("report.json"),
             &serde_json::to_value(rep).expect("report serialises"),
         )?;
-        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            return Err(PipelineError::Interrupted);
-        }
         Ok(())
-    })();
-    if let Err(e) = r {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| PipelineError::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&tmp);
-        PipelineError::io(out, e)
     })
 }
 

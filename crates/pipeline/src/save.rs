@@ -205,12 +205,23 @@ pub fn save_quantized(
             ),
         ));
     }
+    write_dir_atomically(out, cancel, |tmp| write_all(tmp, inputs))
+}
+
+/// Writes a directory as `OUT.tmp-<pid>` with `write`, then renames it to `out` (replacing
+/// an existing `out`); on an error or a set `cancel` the temporary directory is removed and
+/// `out` is left as it was.
+pub(crate) fn write_dir_atomically(
+    out: &Path,
+    cancel: Option<&AtomicBool>,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let tmp = temp_dir_for(out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| PipelineError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| PipelineError::io(&tmp, e))?;
-    let r = write_all(&tmp, inputs).and_then(|_| match cancel {
+    let r = write(&tmp).and_then(|_| match cancel {
         Some(c) if c.load(Ordering::Relaxed) => Err(PipelineError::Interrupted),
         _ => Ok(()),
     });
