@@ -5,6 +5,10 @@
 #
 #   scripts/test.sh                 everything
 #   QUANTLAB_SKIP_NOTEBOOKS=1 scripts/test.sh   skip the notebooks (e.g. while iterating)
+#
+# The optional bitsandbytes peer test (crates/checkpoints/tests/bnb_peer.rs) runs with the
+# Python named by QUANTLAB_BNB_PYTHON, else ~/.cache/quantlab/bnb-venv/bin/python, else
+# python3, and prints SKIP without torch + bitsandbytes (setup: docs/formats.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -13,10 +13,10 @@ use quantlab_checkpoints::pack::gguf_blocks::{self, BlockQ4_0, GgufBlock};
 use quantlab_grids::{quantize_rtn, FormatSpec, GgmlGrid, Granularity};
 use quantlab_models::LlamaModel;
 use quantlab_solvers::gptq::{gptq, GptqParams};
+use quantlab_testsupport::{read_f32_safetensors, std_rng_uniform, NamedF32, TinyLlama};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value as J;
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -59,22 +59,6 @@ fn python(args: &[&str]) -> Option<J> {
         String::from_utf8_lossy(&out.stderr)
     );
     Some(serde_json::from_slice(&out.stdout).expect("python printed JSON"))
-}
-
-fn read_f32_safetensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let d: Vec<f32> = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (n, (v.shape().to_vec(), d))
-        })
-        .collect()
 }
 
 fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize, scale: f32) -> Array2<f32> {
@@ -224,68 +208,26 @@ const HEADS: usize = 4;
 const KV: usize = 2;
 const VOCAB: usize = 128;
 
-fn tiny_llama(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let hd = D / HEADS;
-    let mut t = Vec::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n = shape.iter().product();
-        let v = (0..n)
-            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
-            .collect();
-        t.push((name, shape, v));
-    };
-    put("model.embed_tokens.weight".into(), vec![VOCAB, D], 1.0, 0.0);
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), vec![D], 0.2, 1.0);
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![D],
-            0.2,
-            1.0,
-        );
-        put(
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![HEADS * hd, D],
-            0.3,
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![KV * hd, D],
-            0.3,
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![KV * hd, D],
-            0.2,
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![D, HEADS * hd],
-            0.2,
-            0.0,
-        );
-        put(
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![INTER, D],
-            0.2,
-            0.0,
-        );
-        put(format!("{p}.mlp.up_proj.weight"), vec![INTER, D], 0.2, 0.0);
-        put(
-            format!("{p}.mlp.down_proj.weight"),
-            vec![D, INTER],
-            0.2,
-            0.0,
-        );
+/// The tiny llama's sizes (`quantlab_testsupport::TinyLlama`): block norms of scale 0.2, 256
+/// positions, no bos / eos in the config.
+fn tiny_spec() -> TinyLlama {
+    TinyLlama {
+        hidden: D,
+        heads: HEADS,
+        kv_heads: KV,
+        intermediate: INTER,
+        vocab: VOCAB,
+        layers: LAYERS,
+        block_norm_scale: 0.2,
+        max_position: 256,
+        bos_eos: None,
+        ..TinyLlama::default()
     }
-    put("model.norm.weight".into(), vec![D], 0.2, 1.0);
-    put("lm_head.weight".into(), vec![VOCAB, D], 0.3, 0.0);
-    t
+}
+
+/// Its weights, drawn from `StdRng` seeded with `seed`.
+fn tiny_llama(seed: u64) -> NamedF32 {
+    tiny_spec().tensors(std_rng_uniform(seed))
 }
 
 fn tiny_metadata() -> Vec<(String, GgufValue)> {
@@ -326,37 +268,9 @@ fn tiny_metadata() -> Vec<(String, GgufValue)> {
     ]
 }
 
+/// `config.json` and `model.safetensors` of the tiny llama with weights `t`.
 fn write_hf_dir(dir: &Path, t: &[(String, Vec<usize>, Vec<f32>)]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D,
-        "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV, "vocab_size": VOCAB, "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": false, "hidden_act": "silu",
-        "max_position_embeddings": 256
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = t
-        .iter()
-        .map(|(n, s, v)| {
-            (
-                n.clone(),
-                s.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    tiny_spec().write_hf_dir(dir, t);
 }
 
 fn logits(m: &LlamaModel, toks: &[u32]) -> Vec<f32> {

@@ -1,13 +1,14 @@
 //! `quantlab quantize --format` end to end through the binary on a tiny random LLaMA written
-//! here (a Hugging Face directory: safetensors and a byte-level tokenizer.json written by
-//! hand): GGUF and GPTQ outputs, read back by `quantlab inspect` and `quantlab eval ppl`
-//! (the perplexity of the file equals the one `quantize --eval` measured in memory), and a
-//! refused combination that writes nothing.
+//! here (a Hugging Face directory: safetensors and a byte-level tokenizer.json, from
+//! `quantlab-testsupport`): GGUF and GPTQ outputs, read back by `quantlab inspect` and
+//! `quantlab eval ppl` (the perplexity of the file equals the one `quantize --eval` measured
+//! in memory), and a refused combination that writes nothing.
 
 use std::path::Path;
 use std::process::Command;
 
-use serde_json::{json, Value};
+use quantlab_testsupport::{lcg_uniform, write_byte_tokenizer, TinyLlama};
+use serde_json::Value;
 
 fn quantlab(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_quantlab"))
@@ -21,129 +22,23 @@ fn quantlab(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-const D: usize = 64;
-const INTER: usize = 128;
-const VOCAB: usize = 260;
-
-/// A safetensors file of f32 tensors, written by hand (8-byte header length, JSON, data).
-fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    for (name, shape, v) in tensors {
-        let start = data.len();
-        data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-        header.insert(
-            name.clone(),
-            json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
-        );
-    }
-    let mut h = serde_json::to_vec(&Value::Object(header)).unwrap();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend(h);
-    out.extend(data);
-    std::fs::write(path, out).unwrap();
-}
-
-/// GPT-2's byte-to-unicode alphabet as a byte-level BPE vocabulary without merges.
-fn byte_tokenizer_json() -> Value {
-    let mut bs: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut chars: Vec<char> = cs.iter().map(|&c| char::from_u32(c).unwrap()).collect();
-    chars.sort();
-    let vocab: serde_json::Map<String, Value> = chars
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_string(), json!(i)))
-        .collect();
-    let bl = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": bl, "post_processor": null, "decoder": bl,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": []}
-    })
-}
-
+/// A tiny random LLaMA (`quantlab_testsupport::TinyLlama`: width 64, 4 heads, 2 KV heads, MLP
+/// 128, vocabulary 260, tied embeddings of scale 0.1, block norms of scale 0.2) drawn from
+/// the LCG seeded with 12345, with a byte-level tokenizer.
 fn tiny_model(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    // a small linear congruential generator: deterministic, no dependency
-    let mut s = 12345u64;
-    let mut rnd = move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    let spec = TinyLlama {
+        kv_heads: 2,
+        intermediate: 128,
+        vocab: 260,
+        embed_scale: 0.1,
+        block_norm_scale: 0.2,
+        tied: true,
+        max_position: 256,
+        bos_eos: None,
+        ..TinyLlama::default()
     };
-    let mut t = Vec::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n: usize = shape.iter().product();
-        let v = (0..n).map(|_| offset + scale * rnd()).collect();
-        t.push((name, shape, v));
-    };
-    put("model.embed_tokens.weight".into(), vec![VOCAB, D], 0.1, 0.0);
-    for l in 0..2 {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), vec![D], 0.2, 1.0);
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![D],
-            0.2,
-            1.0,
-        );
-        put(format!("{p}.self_attn.q_proj.weight"), vec![D, D], 0.3, 0.0);
-        put(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![32, D],
-            0.3,
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![32, D],
-            0.2,
-            0.0,
-        );
-        put(format!("{p}.self_attn.o_proj.weight"), vec![D, D], 0.2, 0.0);
-        put(
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![INTER, D],
-            0.2,
-            0.0,
-        );
-        put(format!("{p}.mlp.up_proj.weight"), vec![INTER, D], 0.2, 0.0);
-        put(
-            format!("{p}.mlp.down_proj.weight"),
-            vec![D, INTER],
-            0.2,
-            0.0,
-        );
-    }
-    put("model.norm.weight".into(), vec![D], 0.2, 1.0);
-    write_safetensors(&dir.join("model.safetensors"), &t);
-    let cfg = json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": D, "intermediate_size": INTER, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
-        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
-        "hidden_act": "silu", "max_position_embeddings": 256});
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    std::fs::write(
-        dir.join("tokenizer.json"),
-        byte_tokenizer_json().to_string(),
-    )
-    .unwrap();
+    spec.write_hf_dir(dir, &spec.tensors(lcg_uniform(12345)));
+    write_byte_tokenizer(&dir.join("tokenizer.json"));
 }
 
 fn text() -> String {
