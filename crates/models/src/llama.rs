@@ -426,6 +426,11 @@ impl LlamaModel {
     /// keys and values are appended to it (the cache's length is advanced by
     /// [`LlamaModel::forward_cached`], not here). The hook sees the inputs of this block's
     /// linears.
+    ///
+    /// It is the composition of the stages [`LlamaModel::block_attn_input`],
+    /// [`LlamaModel::block_attention`], [`LlamaModel::block_mlp_input`],
+    /// [`LlamaModel::block_mlp_act`] and [`LlamaModel::block_output`], which a driver can run
+    /// one at a time (quantizing the linears of each stage before computing the next).
     pub fn block_forward(
         &self,
         i: usize,
@@ -434,23 +439,113 @@ impl LlamaModel {
         cache: Option<&mut KvCache>,
         mut hook: Option<&mut CaptureHook<'_>>,
     ) -> Result<Tensor> {
-        let c = &self.config;
         let blk = &self.blocks[i];
-        let (b, n, d) = hidden.dims3()?;
-        let (hd, kvh) = (c.head_dim, c.num_key_value_heads);
-        let g = c.group_size();
-        let eps = c.rms_norm_eps as f32;
-
-        // --- attention ---
-        let x = ops::rms_norm(hidden, &blk.input_layernorm, eps)?.reshape((b * n, d))?;
+        let (b, n, _) = hidden.dims3()?;
+        let x = self.block_attn_input(i, hidden)?;
         if let Some(h) = hook.as_deref_mut() {
             for j in 0..3 {
                 h.offer(&blk.names[j], &x);
             }
         }
-        let q = blk.linears[0].forward(&x)?;
-        let k = blk.linears[1].forward(&x)?;
-        let v = blk.linears[2].forward(&x)?;
+        let attn = self.attention_stage(i, &x, b, n, pos0, cache)?;
+        if let Some(h) = hook.as_deref_mut() {
+            h.offer(&blk.names[3], &attn);
+        }
+        let (hidden, x) = self.block_mlp_input(i, hidden, &attn)?;
+        if let Some(h) = hook.as_deref_mut() {
+            h.offer(&blk.names[4], &x);
+            h.offer(&blk.names[5], &x);
+        }
+        let act = self.block_mlp_act(i, &x)?;
+        if let Some(h) = hook {
+            h.offer(&blk.names[6], &act);
+        }
+        self.block_output(i, &hidden, &act)
+    }
+
+    /// Stage 1 of block `i`: the input RMSNorm of hidden states `[batch, tokens, hidden]`,
+    /// i.e. the input of `q_proj`, `k_proj` and `v_proj` as `[batch * tokens, hidden]`.
+    pub fn block_attn_input(&self, i: usize, hidden: &Tensor) -> Result<Tensor> {
+        let blk = self.block_checked(i)?;
+        let (b, n, d) = hidden.dims3()?;
+        let eps = self.config.rms_norm_eps as f32;
+        Ok(ops::rms_norm(hidden, &blk.input_layernorm, eps)?.reshape((b * n, d))?)
+    }
+
+    /// Stage 2 of block `i`: q, k, v of the normed input `x` (`[batch * tokens, hidden]`,
+    /// from [`LlamaModel::block_attn_input`]), RoPE from position 0 and causal attention
+    /// over the `batch` sequences: the input of `o_proj`, `[batch * tokens, heads * head_dim]`.
+    pub fn block_attention(&self, i: usize, x: &Tensor, batch: usize) -> Result<Tensor> {
+        self.block_checked(i)?;
+        let rows = x.dims2()?.0;
+        if batch == 0 || rows % batch != 0 {
+            return Err(ModelError::InvalidOption {
+                option: "batch".into(),
+                detail: format!("{rows} rows do not split into {batch} equal sequences"),
+            });
+        }
+        self.attention_stage(i, x, batch, rows / batch, 0, None)
+    }
+
+    /// Stage 3 of block `i`: the residual after attention, `hidden + o_proj(attn)`
+    /// (`[batch, tokens, hidden]`), and its post-attention RMSNorm, the input of `gate_proj`
+    /// and `up_proj` (`[batch * tokens, hidden]`).
+    pub fn block_mlp_input(
+        &self,
+        i: usize,
+        hidden: &Tensor,
+        attn: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let blk = self.block_checked(i)?;
+        let (b, n, d) = hidden.dims3()?;
+        let eps = self.config.rms_norm_eps as f32;
+        let o = blk.linears[3].forward(attn)?;
+        let hidden = ops::add(hidden, &o)?;
+        let x = ops::rms_norm(&hidden, &blk.post_attention_layernorm, eps)?.reshape((b * n, d))?;
+        Ok((hidden, x))
+    }
+
+    /// Stage 4 of block `i`: `silu(gate_proj(x)) * up_proj(x)`, the input of `down_proj`.
+    pub fn block_mlp_act(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        let blk = self.block_checked(i)?;
+        let gate = blk.linears[4].forward(x)?;
+        let up = blk.linears[5].forward(x)?;
+        ops::silu_mul(&gate, &up)
+    }
+
+    /// Stage 5 of block `i`: the block's output `hidden + down_proj(act)` with `hidden` the
+    /// residual from [`LlamaModel::block_mlp_input`].
+    pub fn block_output(&self, i: usize, hidden: &Tensor, act: &Tensor) -> Result<Tensor> {
+        let blk = self.block_checked(i)?;
+        let down = blk.linears[6].forward(act)?;
+        ops::add(hidden, &down)
+    }
+
+    fn block_checked(&self, i: usize) -> Result<&LlamaBlock> {
+        self.blocks.get(i).ok_or_else(|| ModelError::InvalidOption {
+            option: "block".into(),
+            detail: format!("block {i} of a model with {} blocks", self.blocks.len()),
+        })
+    }
+
+    /// q, k, v, RoPE, the KV cache and attention of block `i` on the normed input `x`
+    /// (`[b * n, hidden]`).
+    fn attention_stage(
+        &self,
+        i: usize,
+        x: &Tensor,
+        b: usize,
+        n: usize,
+        pos0: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let blk = &self.blocks[i];
+        let (hd, kvh) = (c.head_dim, c.num_key_value_heads);
+        let g = c.group_size();
+        let q = blk.linears[0].forward(x)?;
+        let k = blk.linears[1].forward(x)?;
+        let v = blk.linears[2].forward(x)?;
         let rope = ops::Rope::new(&self.inv_freq, pos0, n, self.pos_scale);
         let q = ops::to_kv_major(&q, b, n, kvh, g, hd, Some(&rope))?; // [b, kvh, n*g, hd]
         let mut k = ops::to_kv_major(&k, b, n, kvh, 1, hd, Some(&rope))?; // [b, kvh, n, hd]
@@ -479,27 +574,7 @@ impl LlamaModel {
         }
         let scale = 1.0 / (hd as f32).sqrt();
         let attn = ops::attention(&q, &k, &v, g, pos0, key0, scale, c.sliding_window)?;
-        let attn = ops::from_kv_major(&attn, b, n, kvh, g, hd)?.reshape((b * n, kvh * g * hd))?;
-        if let Some(h) = hook.as_deref_mut() {
-            h.offer(&blk.names[3], &attn);
-        }
-        let o = blk.linears[3].forward(&attn)?;
-        let hidden = ops::add(hidden, &o)?;
-
-        // --- MLP ---
-        let x = ops::rms_norm(&hidden, &blk.post_attention_layernorm, eps)?.reshape((b * n, d))?;
-        if let Some(h) = hook.as_deref_mut() {
-            h.offer(&blk.names[4], &x);
-            h.offer(&blk.names[5], &x);
-        }
-        let gate = blk.linears[4].forward(&x)?;
-        let up = blk.linears[5].forward(&x)?;
-        let act = ops::silu_mul(&gate, &up)?;
-        if let Some(h) = hook {
-            h.offer(&blk.names[6], &act);
-        }
-        let down = blk.linears[6].forward(&act)?;
-        ops::add(&hidden, &down)
+        Ok(ops::from_kv_major(&attn, b, n, kvh, g, hd)?.reshape((b * n, kvh * g * hd))?)
     }
 
     /// Final RMSNorm and output head: hidden `[batch, tokens, hidden]` (or `[rows, hidden]`)

@@ -763,6 +763,54 @@ fn capture_hook_sees_linear_inputs_and_blocks_compose() {
 }
 
 #[test]
+fn block_stages_give_the_linear_inputs_and_compose_to_the_forward() {
+    // the stages a true-sequential driver runs one at a time, against the plain reference's
+    // captured inputs of every linear, on a batch of two sequences
+    let dir = tempfile::tempdir().unwrap();
+    let w = Weights::random(LLAMA, 5);
+    w.write_hf(dir.path(), "LlamaForCausalLM");
+    let m = LlamaModel::load(dir.path()).unwrap();
+    let a = tokens(9, LLAMA.vocab, 3);
+    let b = tokens(9, LLAMA.vocab, 4);
+    let (want_a, cap_a) = reference(&w, &a);
+    let (want_b, cap_b) = reference(&w, &b);
+    let check = |name: String, x: &Tensor| {
+        let want: Vec<Vec<f32>> = cap_a[&name].iter().chain(&cap_b[&name]).cloned().collect();
+        let e = max_abs_diff(&rows(x), &want);
+        assert!(
+            e < 1e-4,
+            "{name}: stage output differs from the input by {e}"
+        );
+    };
+    let mut h = m.embed(&[&a, &b]).unwrap();
+    for i in 0..m.n_blocks() {
+        let x = m.block_attn_input(i, &h).unwrap();
+        check(format!("model.layers.{i}.self_attn.k_proj"), &x);
+        let attn = m.block_attention(i, &x, 2).unwrap();
+        check(format!("model.layers.{i}.self_attn.o_proj"), &attn);
+        let (resid, x2) = m.block_mlp_input(i, &h, &attn).unwrap();
+        check(format!("model.layers.{i}.mlp.up_proj"), &x2);
+        let act = m.block_mlp_act(i, &x2).unwrap();
+        check(format!("model.layers.{i}.mlp.down_proj"), &act);
+        let next = m.block_output(i, &resid, &act).unwrap();
+        // the stages are the block's own computation, bit for bit
+        let whole = m.block_forward(i, &h, 0, None, None).unwrap();
+        assert_eq!(
+            rows(&next.flatten_to(1).unwrap()),
+            rows(&whole.flatten_to(1).unwrap())
+        );
+        h = next;
+    }
+    let l = rows(&m.head(&h, None).unwrap());
+    assert!(max_abs_diff(&l[..9], &want_a) < 1e-4);
+    assert!(max_abs_diff(&l[9..], &want_b) < 1e-4);
+    // a batch that does not divide the rows, a block that does not exist
+    let x = m.block_attn_input(0, &m.embed(&[&a]).unwrap()).unwrap();
+    assert!(m.block_attention(0, &x, 2).is_err());
+    assert!(m.block_attn_input(99, &h).is_err());
+}
+
+#[test]
 fn set_weight_changes_the_forward_like_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = Weights::random(LLAMA, 6);

@@ -8,10 +8,13 @@
 //! mini-batches.
 //!
 //! # True-sequential order (GPTQ methods)
-//! Groups `[q, k, v]`, `[o]`, `[gate, up]`, `[down]`: each group's inputs are captured with the
-//! groups before it already quantized. The re-runs are made cheap by replacing the linears
-//! that cannot influence the captured input with a zero stub for the capture pass (e.g. when
-//! capturing `o_proj`'s input only q, k, v and the attention are computed for real).
+//! Groups `[q, k, v]`, `[o]`, `[gate, up]`, `[down]`: each group's inputs are computed with the
+//! groups before it already quantized. The block is run once, stage by stage: the normed
+//! input (q, k, v's Hessian, then they are quantized), the attention with the quantized
+//! q, k, v (o's), the post-attention norm of the residual with the quantized o (gate and
+//! up's), `silu(gate) * up` (down's), and the block output with every linear quantized, which
+//! is the next block's input. One block forward per block, as the captures of a forward with
+//! hooks would give, without re-running the earlier stages.
 //!
 //! # RTN-like methods (rtn, nf4, fp4, int8, fp8)
 //! Their weights do not depend on the data: one capture per block (all four inputs, the
@@ -62,14 +65,6 @@ const O: usize = 3;
 const GATE: usize = 4;
 const UP: usize = 5;
 const DOWN: usize = 6;
-
-/// The true-sequential groups, and for each the linears stubbed during its capture.
-const GROUPS: [(&[usize], &[usize]); 4] = [
-    (&[Q, K, V], &[Q, K, V, O, GATE, UP, DOWN]),
-    (&[O], &[O, GATE, UP, DOWN]),
-    (&[GATE, UP], &[GATE, UP, DOWN]),
-    (&[DOWN], &[DOWN]),
-];
 
 /// Where the seconds went.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -571,7 +566,7 @@ pub fn quantize_model(
         bar_blocks.set_message(format!("block {i}"));
         let lps = &plan.layers[i * 7..(i + 1) * 7];
         let mut out: Vec<Option<(QuantizedLayer, LayerReport)>> = vec![None; 7];
-        if cfg.method.uses_awq() {
+        let next = if cfg.method.uses_awq() {
             awq_block(
                 model,
                 i,
@@ -584,7 +579,7 @@ pub fn quantize_model(
                 &mut t,
                 &bar_layers,
                 &ctl,
-            )?;
+            )?
         } else {
             solve_block(
                 model,
@@ -597,8 +592,8 @@ pub fn quantize_model(
                 &mut t,
                 &bar_layers,
                 &ctl,
-            )?;
-        }
+            )?
+        };
         for (k, o) in out.into_iter().enumerate() {
             let (ql, r) = o.unwrap_or_else(|| {
                 let lp = &lps[k];
@@ -616,7 +611,9 @@ pub fn quantize_model(
             reports.push(r);
         }
         // the quantized block's output is the next block's input
-        if i + 1 < n_blocks {
+        if let (Some(next), true) = (next, i + 1 < n_blocks) {
+            inps = next;
+        } else if i + 1 < n_blocks {
             ctl.check()?;
             bar_layers.set_message(format!("block {i}: output"));
             let tf = Instant::now();
@@ -640,8 +637,15 @@ pub fn quantize_model(
 type BlockOut = [Option<(QuantizedLayer, LayerReport)>];
 
 /// GPTQ or RTN on the linears of block `i`, group by group: the true-sequential groups for
-/// GPTQ methods (each group's inputs captured with the groups before it already quantized),
+/// GPTQ methods (each group's inputs computed with the groups before it already quantized),
 /// one capture of all inputs otherwise.
+///
+/// The true-sequential path runs the block once, stage by stage
+/// ([`LlamaModel::block_attn_input`] ... [`LlamaModel::block_output`]): each stage's output
+/// is the input of the next group of linears, whose Hessian is accumulated from it before
+/// they are quantized; the last stage gives the block's output with every linear quantized,
+/// which is returned as the next block's inputs (`Some`). The one-capture path returns
+/// `None` (the caller runs the quantized block).
 ///
 /// `scaled` (AWQ+GPTQ): the scaled weights `W'` of the seven linears and, for the linears fed
 /// by a norm, the scale `s` that their in-memory weight `W' diag(1/s)` is divided by. Their
@@ -659,75 +663,202 @@ fn solve_block(
     t: &mut Timings,
     bar_layers: &ProgressBar,
     ctl: &Control<'_>,
-) -> Result<()> {
-    let sequential = cfg.true_sequential && cfg.method.needs_calibration();
-    let passes: Vec<(Vec<usize>, Vec<usize>)> = if sequential {
-        GROUPS
-            .iter()
-            .map(|(g, s)| (g.to_vec(), s.to_vec()))
-            .collect()
-    } else {
-        vec![((0..7).collect(), vec![])]
+) -> Result<Option<Vec<Tensor>>> {
+    let mut q = GroupSolver {
+        i,
+        lps,
+        cfg,
+        scaled,
+        bar: bar_layers,
+        ctl,
     };
-    for (group, stub) in passes {
-        ctl.check()?;
-        let active: Vec<usize> = group.iter().copied().filter(|&k| !lps[k].skip).collect();
+    let sequential = cfg.true_sequential && cfg.method.needs_calibration();
+    if !sequential {
+        let all: Vec<usize> = (0..7).collect();
+        let active: Vec<usize> = all.iter().copied().filter(|&k| !lps[k].skip).collect();
         if active.is_empty() {
-            continue;
+            return Ok(None);
         }
         // one capture per distinct input: q/k/v and gate/up share theirs
         let mut targets: Vec<usize> = Vec::new();
         for &k in &active {
-            let rep = input_of(k);
-            if !targets.iter().any(|&x| input_of(x) == rep) {
+            if !targets.iter().any(|&x| input_of(x) == input_of(k)) {
                 targets.push(k);
             }
         }
         bar_layers.set_message(format!("block {i}: capturing {}", group_label(&active)));
-        let caps = capture(model, i, inps, &targets, &stub, None, t)?;
+        let caps = capture(model, i, inps, &targets, &[], None, t)?;
         for &k in &active {
-            ctl.check()?;
-            let lp = &lps[k];
-            bar_layers.set_message(format!("block {i}: {}", BLOCK_LINEARS[k]));
             let src = targets
                 .iter()
                 .copied()
                 .find(|&x| input_of(x) == input_of(k))
                 .expect("target");
-            let ts = Instant::now();
-            let norm_s = scaled.and_then(|(_, ns)| ns[k].as_ref());
-            let H = match norm_s {
-                Some(s) => scale_hessian(&caps[&src].H.finish(), s),
-                None => caps[&src].H.finish(),
-            };
-            let W = match scaled {
-                Some((ws, _)) => ws[k].clone(),
-                None => weight_of(model, &lp.name)?,
-            };
-            let (lin, rep) = solve(lp, cfg.method, cfg, W.view(), H.view())?;
-            let mut Qw = lin.dequantize();
-            let rel = rel_output_error(W.view(), Qw.view(), H.view())
-                .map_err(|e| PipelineError::solver(&lp.name, e))?;
-            if let Some(s) = norm_s {
-                Qw /= &s.view().insert_axis(Axis(0));
-            }
-            set(model, &lp.name, Qw.view())?;
-            let secs = ts.elapsed().as_secs_f64();
-            t.solver += secs;
-            let r = report(lp, Some(&lin), Some(&rep), rel, secs);
-            out[k] = Some((
-                QuantizedLayer {
-                    name: lp.name.clone(),
-                    linear: Some(lin),
-                    input_scale: None,
-                    norm_scale: None,
-                },
-                r,
-            ));
-            bar_layers.inc(1);
+            q.solve_one(model, k, &caps[&src].H, out, t)?;
         }
+        return Ok(None);
     }
-    Ok(())
+    let seqs: Vec<usize> = inps.iter().map(|h| h.dims()[0]).collect();
+    let timed = |t: &mut Timings, f: &mut dyn FnMut() -> Result<Vec<Tensor>>| {
+        let tf = Instant::now();
+        let r = f();
+        t.forward += tf.elapsed().as_secs_f64();
+        r
+    };
+    // q, k, v: the normed block input
+    ctl.check()?;
+    let m: &LlamaModel = model;
+    let xs = timed(t, &mut || {
+        inps.iter().map(|h| Ok(m.block_attn_input(i, h)?)).collect()
+    })?;
+    q.solve_group(model, &[Q, K, V], &xs, &seqs, out, t)?;
+    // o: attention with the quantized q, k, v
+    ctl.check()?;
+    let m: &LlamaModel = model;
+    let attn = timed(t, &mut || {
+        xs.iter()
+            .zip(&seqs)
+            .map(|(x, &b)| Ok(m.block_attention(i, x, b)?))
+            .collect()
+    })?;
+    drop(xs);
+    q.solve_group(model, &[O], &attn, &seqs, out, t)?;
+    // gate, up: the post-attention norm of the residual with the quantized o
+    ctl.check()?;
+    let m: &LlamaModel = model;
+    let mut resid = Vec::with_capacity(inps.len());
+    let x2 = timed(t, &mut || {
+        resid.clear();
+        inps.iter()
+            .zip(&attn)
+            .map(|(h, a)| {
+                let (r, x) = m.block_mlp_input(i, h, a)?;
+                resid.push(r);
+                Ok(x)
+            })
+            .collect()
+    })?;
+    drop(attn);
+    q.solve_group(model, &[GATE, UP], &x2, &seqs, out, t)?;
+    // down: silu(gate) * up with the quantized gate and up
+    ctl.check()?;
+    let m: &LlamaModel = model;
+    let act = timed(t, &mut || {
+        x2.iter().map(|x| Ok(m.block_mlp_act(i, x)?)).collect()
+    })?;
+    drop(x2);
+    q.solve_group(model, &[DOWN], &act, &seqs, out, t)?;
+    // the block's output with every linear quantized
+    ctl.check()?;
+    bar_layers.set_message(format!("block {i}: output"));
+    let m: &LlamaModel = model;
+    let outs = timed(t, &mut || {
+        resid
+            .iter()
+            .zip(&act)
+            .map(|(r, a)| Ok(m.block_output(i, r, a)?))
+            .collect()
+    })?;
+    Ok(Some(outs))
+}
+
+/// Quantizes the linears of one block given their Hessians (shared by both paths of
+/// [`solve_block`]).
+struct GroupSolver<'a> {
+    i: usize,
+    lps: &'a [LayerPlan],
+    cfg: &'a QuantizeConfig,
+    scaled: Option<(&'a [Array2<f32>], &'a [Option<Array1<f32>>])>,
+    bar: &'a ProgressBar,
+    ctl: &'a Control<'a>,
+}
+
+impl GroupSolver<'_> {
+    /// The non-skipped linears of `group` (which share one input), with the Hessian of
+    /// `inputs` (`[rows, in]` per mini-batch of `seqs[b]` sequences).
+    fn solve_group(
+        &mut self,
+        model: &mut LlamaModel,
+        group: &[usize],
+        inputs: &[Tensor],
+        seqs: &[usize],
+        out: &mut BlockOut,
+        t: &mut Timings,
+    ) -> Result<()> {
+        let active: Vec<usize> = group
+            .iter()
+            .copied()
+            .filter(|&k| !self.lps[k].skip)
+            .collect();
+        if active.is_empty() {
+            return Ok(());
+        }
+        self.bar.set_message(format!(
+            "block {}: Hessian of {}",
+            self.i,
+            group_label(&active)
+        ));
+        let th = Instant::now();
+        let dim = inputs.first().map_or(0, |x| x.dims()[x.rank() - 1]);
+        let mut H = Hessian::new(dim).with_counting(Counting::Tokens);
+        for (x, &b) in inputs.iter().zip(seqs) {
+            let X = to_array(x)?;
+            H.add_batch(X.view(), b)
+                .map_err(|e| PipelineError::solver(&self.lps[active[0]].name, e))?;
+        }
+        t.hessian += th.elapsed().as_secs_f64();
+        for &k in &active {
+            self.solve_one(model, k, &H, out, t)?;
+        }
+        Ok(())
+    }
+
+    /// Linear `k` of the block with the Hessian of its input.
+    fn solve_one(
+        &mut self,
+        model: &mut LlamaModel,
+        k: usize,
+        Hacc: &Hessian,
+        out: &mut BlockOut,
+        t: &mut Timings,
+    ) -> Result<()> {
+        self.ctl.check()?;
+        let lp = &self.lps[k];
+        self.bar
+            .set_message(format!("block {}: {}", self.i, BLOCK_LINEARS[k]));
+        let ts = Instant::now();
+        let norm_s = self.scaled.and_then(|(_, ns)| ns[k].as_ref());
+        let H = match norm_s {
+            Some(s) => scale_hessian(&Hacc.finish(), s),
+            None => Hacc.finish(),
+        };
+        let W = match self.scaled {
+            Some((ws, _)) => ws[k].clone(),
+            None => weight_of(model, &lp.name)?,
+        };
+        let (lin, rep) = solve(lp, self.cfg.method, self.cfg, W.view(), H.view())?;
+        let mut Qw = lin.dequantize();
+        let rel = rel_output_error(W.view(), Qw.view(), H.view())
+            .map_err(|e| PipelineError::solver(&lp.name, e))?;
+        if let Some(s) = norm_s {
+            Qw /= &s.view().insert_axis(Axis(0));
+        }
+        set(model, &lp.name, Qw.view())?;
+        let secs = ts.elapsed().as_secs_f64();
+        t.solver += secs;
+        let r = report(lp, Some(&lin), Some(&rep), rel, secs);
+        out[k] = Some((
+            QuantizedLayer {
+                name: lp.name.clone(),
+                linear: Some(lin),
+                input_scale: None,
+                norm_scale: None,
+            },
+            r,
+        ));
+        self.bar.inc(1);
+        Ok(())
+    }
 }
 
 /// Which linears share an input: q/k/v -> 0, o -> 3, gate/up -> 4, down -> 6.
@@ -785,7 +916,7 @@ fn awq_block(
     t: &mut Timings,
     bar: &ProgressBar,
     ctl: &Control<'_>,
-) -> Result<()> {
+) -> Result<Option<Vec<Tensor>>> {
     let cfgm = model.config().clone();
     let gqa = cfgm.num_key_value_heads != cfgm.num_attention_heads;
     bar.set_message(format!("block {i}: capturing (float block)"));
@@ -944,6 +1075,7 @@ fn awq_block(
             w
         })
         .collect();
+    let mut next = None;
     if cfg.method == Method::AwqGptq && !cfg.awq_fold_only {
         // AWQ+GPTQ: put the scaled (still float, same function) block in memory, then GPTQ
         // true-sequentially on the scaled weights with Hessians captured as it goes
@@ -958,7 +1090,7 @@ fn awq_block(
             set(model, &lps[k].name, mem.view())?;
         }
         t.awq_search += ts.elapsed().as_secs_f64();
-        solve_block(
+        next = solve_block(
             model,
             i,
             inps,
@@ -996,7 +1128,7 @@ fn awq_block(
             s_gu.clone(),
         );
     }
-    Ok(())
+    Ok(next)
 }
 
 /// AWQ's own quantization of a scaled block: the clip search (not for q and k), then RTN, with

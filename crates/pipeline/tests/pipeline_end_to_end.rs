@@ -17,169 +17,15 @@ use quantlab_pipeline::{
 };
 use quantlab_solvers::gptq::{gptq, GptqParams};
 use quantlab_solvers::hessian::{Counting, Hessian};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use safetensors::tensor::{Dtype, TensorView};
 
-const D: usize = 64;
+mod support;
+use support::{prose, HEADS, LAYERS};
+
 const INTER: usize = 96;
-const HEADS: usize = 4;
-const VOCAB: usize = 300;
-const LAYERS: usize = 2;
 
-/// Writes a tiny random LLaMA (HF names and layout) with `kv` KV heads into `dir`.
+/// Writes the tiny random LLaMA of `support` with `kv` KV heads and an MLP of 96 into `dir`.
 fn write_tiny(dir: &Path, kv: usize, seed: u64) {
-    std::fs::create_dir_all(dir).unwrap();
-    let hd = D / HEADS;
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n = shape.iter().product();
-        let v = (0..n)
-            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
-            .collect();
-        t.push((name, shape, v));
-    };
-    put("model.embed_tokens.weight".into(), vec![VOCAB, D], 1.0, 0.0);
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), vec![D], 0.3, 1.0);
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![D],
-            0.3,
-            1.0,
-        );
-        put(
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![HEADS * hd, D],
-            0.3,
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![kv * hd, D],
-            0.3,
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![kv * hd, D],
-            0.2,
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![D, HEADS * hd],
-            0.2,
-            0.0,
-        );
-        put(
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![INTER, D],
-            0.2,
-            0.0,
-        );
-        put(format!("{p}.mlp.up_proj.weight"), vec![INTER, D], 0.2, 0.0);
-        put(
-            format!("{p}.mlp.down_proj.weight"),
-            vec![D, INTER],
-            0.2,
-            0.0,
-        );
-    }
-    put("model.norm.weight".into(), vec![D], 0.2, 1.0);
-    put("lm_head.weight".into(), vec![VOCAB, D], 0.3, 0.0);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = t
-        .into_iter()
-        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, TensorView)> = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(
-        dir.join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
-    let cfg = format!(
-        r#"{{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": {D},
-        "intermediate_size": {INTER}, "num_hidden_layers": {LAYERS}, "num_attention_heads": {HEADS},
-        "num_key_value_heads": {kv}, "vocab_size": {VOCAB}, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": false, "hidden_act": "silu", "max_position_embeddings": 512,
-        "bos_token_id": 1, "eos_token_id": 2}}"#
-    );
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
-    write_byte_tokenizer(&dir.join("tokenizer.json"));
-}
-
-/// A byte-level BPE without merges: one token per byte (ids < 256).
-fn write_byte_tokenizer(path: &Path) {
-    use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-    use tokenizers::models::bpe::BPE;
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
-    alphabet.sort();
-    let vocab: tokenizers::models::bpe::Vocab = alphabet
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_string(), i as u32))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, vec![])
-        .build()
-        .unwrap();
-    let mut tk = tokenizers::Tokenizer::new(bpe);
-    tk.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    tk.with_decoder(Some(ByteLevelDecoder::default()));
-    tk.save(path, false).unwrap();
-}
-
-fn prose() -> Vec<String> {
-    let words = [
-        "the",
-        "model",
-        "quantizes",
-        "every",
-        "layer",
-        "with",
-        "a",
-        "small",
-        "grid",
-        "and",
-        "measures",
-        "its",
-        "error",
-        "on",
-        "calibration",
-        "text",
-        "while",
-        "Emma",
-        "walked",
-        "to",
-        "Highbury",
-        "in",
-        "rain",
-        "of",
-        "April",
-        ",",
-        ".",
-    ];
-    let mut rng = StdRng::seed_from_u64(42);
-    (0..6)
-        .map(|_| {
-            (0..400)
-                .map(|_| words[rng.random_range(0..words.len())])
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
+    support::write_tiny(dir, kv, INTER, seed);
 }
 
 fn tmpdir(tag: &str) -> tempfile::TempDir {
@@ -305,12 +151,13 @@ fn pipeline_gptq_save_load_roundtrip() {
     assert_eq!(qc["act_order"], true);
 }
 
-/// The whole-model GPTQ of block 0 equals the layer solver run directly on Hessians captured
-/// here with a plain hook on the original model: q, k, v from the original block (codes
-/// identical); o from the block with the pipeline's quantized q, k, v set; gate/up and down
-/// likewise after o, then gate/up (true-sequential). Codes must be identical.
+/// The whole-model GPTQ equals the layer solver run directly on Hessians captured here with a
+/// plain hook and whole-block forwards: in block 0, q, k, v from the original block (codes
+/// identical); o from the block with the solver's quantized q, k, v set; gate/up and down
+/// likewise after o, then gate/up (true-sequential); block 1 likewise, its inputs the output
+/// of the quantized block 0. Codes must be identical in every block.
 #[test]
-fn pipeline_gptq_equals_layer_solver_on_block0() {
+fn pipeline_gptq_equals_layer_solver_on_every_block() {
     let tmp = tmpdir("eq");
     let model_dir = tmp.path().join("tiny");
     write_tiny(&model_dir, 2, 2);
@@ -338,40 +185,47 @@ fn pipeline_gptq_equals_layer_solver_on_block0() {
         &["mlp.gate_proj", "mlp.up_proj"],
         &["mlp.down_proj"],
     ];
-    for group in groups {
-        let first = format!("model.layers.0.{}", group[0]);
-        let dim = model.linear(&first).unwrap().in_features();
-        let mut h = Hessian::new(dim).with_counting(Counting::Tokens);
-        {
-            let mut hook = CaptureHook::new([first.clone()], |_n: &str, x: &Tensor| {
-                h.add_batch(to_array(x).unwrap().view(), 1).unwrap();
-            });
-            for chunk in windows.chunks(c.batch_size) {
-                let refs: Vec<&[u32]> = chunk.iter().map(|w| w.as_slice()).collect();
-                let e = model.embed(&refs).unwrap();
+    let n_blocks = model.n_blocks();
+    assert!(n_blocks >= 2);
+    for b in 0..n_blocks {
+        for group in groups {
+            let first = format!("model.layers.{b}.{}", group[0]);
+            let dim = model.linear(&first).unwrap().in_features();
+            let mut h = Hessian::new(dim).with_counting(Counting::Tokens);
+            {
+                let mut hook = CaptureHook::new([first.clone()], |_n: &str, x: &Tensor| {
+                    h.add_batch(to_array(x).unwrap().view(), 1).unwrap();
+                });
+                for chunk in windows.chunks(c.batch_size) {
+                    let refs: Vec<&[u32]> = chunk.iter().map(|w| w.as_slice()).collect();
+                    let mut e = model.embed(&refs).unwrap();
+                    for j in 0..b {
+                        e = model.block_forward(j, &e, 0, None, None).unwrap();
+                    }
+                    model
+                        .block_forward(b, &e, 0, None, Some(&mut hook))
+                        .unwrap();
+                }
+            }
+            let H = h.finish();
+            for l in group {
+                let name = format!("model.layers.{b}.{l}");
+                let W = to_array(&model.linear(&name).unwrap().weight().unwrap()).unwrap();
+                let (lin, _) = gptq(W.view(), H.view(), &spec, &p).unwrap();
+                let mine = o
+                    .layers
+                    .iter()
+                    .find(|x| x.name == name)
+                    .unwrap()
+                    .linear
+                    .as_ref()
+                    .unwrap();
+                assert_eq!(lin.codes, mine.codes, "{name}");
+                assert_eq!(lin.scales, mine.scales, "{name}");
                 model
-                    .block_forward(0, &e, 0, None, Some(&mut hook))
+                    .set_weight(&name, to_tensor(lin.dequantize().view()).unwrap())
                     .unwrap();
             }
-        }
-        let H = h.finish();
-        for l in group {
-            let name = format!("model.layers.0.{l}");
-            let W = to_array(&model.linear(&name).unwrap().weight().unwrap()).unwrap();
-            let (lin, _) = gptq(W.view(), H.view(), &spec, &p).unwrap();
-            let mine = o
-                .layers
-                .iter()
-                .find(|x| x.name == name)
-                .unwrap()
-                .linear
-                .as_ref()
-                .unwrap();
-            assert_eq!(lin.codes, mine.codes, "{name}");
-            assert_eq!(lin.scales, mine.scales, "{name}");
-            model
-                .set_weight(&name, to_tensor(lin.dequantize().view()).unwrap())
-                .unwrap();
         }
     }
 }

@@ -177,23 +177,26 @@ impl Hessian {
                 }
             }
         } else if !self.f64_products {
-            // X (f32) column-major [t, d]; C = lower(X^T X) in f32; lower(S) += C
-            let mut xs = vec![0.0f32; t * d];
-            for (i, row) in x.rows().into_iter().enumerate() {
-                for (j, &e) in row.iter().enumerate() {
-                    xs[j * t + i] = e;
+            // C = lower(X^T X) in f32; lower(S) += C. A row-major X [t, d] is already
+            // X^T in column-major order, so standard-layout inputs are used in place.
+            let owned;
+            let xs: &[f32] = match x.as_slice() {
+                Some(s) => s,
+                None => {
+                    owned = x.as_standard_layout().into_owned();
+                    owned.as_slice().expect("standard layout")
                 }
-            }
-            let X = MatRef::from_column_major_slice(&xs, t, d);
+            };
+            let Xt = MatRef::from_column_major_slice(xs, d, t);
             let mut c = vec![0.0f32; d * d];
             let C = faer::MatMut::from_column_major_slice_mut(&mut c, d, d);
             triangular::matmul(
                 C,
                 BlockStructure::TriangularLower,
                 Accum::Replace,
-                X.transpose(),
+                Xt,
                 BlockStructure::Rectangular,
-                X,
+                Xt.transpose(),
                 BlockStructure::Rectangular,
                 1.0f32,
                 self.par,
