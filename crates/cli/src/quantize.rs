@@ -119,6 +119,12 @@ pub struct QuantizeArgs {
     /// gate,up; down) is quantized.
     #[arg(long)]
     pub no_true_sequential: bool,
+    /// Low memory: read each block's weights from the memory-mapped model file only when the
+    /// block is quantized, and keep quantized linears as codes (dequantized when used) instead
+    /// of f32. Same result; peak memory about one block in f32 plus the codes, so a model
+    /// larger than half the RAM still quantizes; `--eval` after quantization is slower.
+    #[arg(long)]
+    pub lazy: bool,
     /// AWQ: windows used to score the scale candidates on the block output.
     #[arg(long, default_value_t = 16)]
     pub awq_samples: usize,
@@ -188,6 +194,7 @@ fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
         awq_samples: a.awq_samples,
         awq_fold_only: false,
         format: ExportFormat::parse(&a.format)?,
+        lazy: a.lazy,
     };
     Ok(QuantizeJob {
         model: crate::generate::resolve_model(&a.model)?,

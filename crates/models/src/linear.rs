@@ -105,3 +105,83 @@ impl Linear for DenseLinear {
         "dense"
     }
 }
+
+/// A linear whose weight stays in its (memory-mapped) file: every [`Linear::weight`] and
+/// [`Linear::forward`] reads the tensor from the [`crate::WeightSource`] and dequantizes it to
+/// f32, and nothing is kept. A model built with [`crate::LlamaModel::from_source_lazy`] holds
+/// its block linears this way, so its resident memory is the embeddings, the norms and what is
+/// in use at the moment: a quantization driver that reads a block's weights once, quantizes
+/// them and replaces them keeps about one block in f32 at a time. The bias (small) is held.
+pub struct LazyLinear {
+    src: std::sync::Arc<dyn crate::WeightSource + Send + Sync>,
+    /// The weight tensor's (Hugging Face) name.
+    name: String,
+    out: usize,
+    inp: usize,
+    bias: Option<Tensor>,
+}
+
+impl std::fmt::Debug for LazyLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyLinear")
+            .field("path", &self.src.path())
+            .field("name", &self.name)
+            .field("shape", &(self.out, self.inp))
+            .finish()
+    }
+}
+
+impl LazyLinear {
+    /// The weight `name` (`[out, in]`) of `src`, with an optional bias `[out]` held in memory.
+    /// The shape is checked on every read (an error names the file and the tensor).
+    pub fn new(
+        src: std::sync::Arc<dyn crate::WeightSource + Send + Sync>,
+        name: impl Into<String>,
+        out: usize,
+        inp: usize,
+        bias: Option<Tensor>,
+    ) -> Self {
+        Self {
+            src,
+            name: name.into(),
+            out,
+            inp,
+            bias,
+        }
+    }
+}
+
+impl Linear for LazyLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        DenseLinear::new(self.weight()?, self.bias.clone())?.forward(x)
+    }
+
+    fn in_features(&self) -> usize {
+        self.inp
+    }
+
+    fn out_features(&self) -> usize {
+        self.out
+    }
+
+    fn weight(&self) -> Result<Tensor> {
+        let w = self.src.load(&self.name)?;
+        if w.dims() != [self.out, self.inp] {
+            return Err(ModelError::TensorShape {
+                path: self.src.path().display().to_string(),
+                tensor: self.name.clone(),
+                expected: vec![self.out, self.inp],
+                got: w.dims().to_vec(),
+            });
+        }
+        Ok(w)
+    }
+
+    fn bias(&self) -> Option<Tensor> {
+        self.bias.clone()
+    }
+
+    fn kind(&self) -> &'static str {
+        "lazy"
+    }
+}

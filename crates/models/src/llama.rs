@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use crate::config::{LlamaConfig, RopeScaling};
-use crate::linear::{DenseLinear, Linear};
+use crate::linear::{DenseLinear, LazyLinear, Linear};
 use crate::ops;
 use crate::weights::{GgufWeights, SafetensorsWeights, WeightSource};
 use crate::{ModelError, Result};
@@ -201,7 +201,29 @@ impl LlamaModel {
     }
 
     /// Builds the model from any weight source (Hugging Face names and layout).
-    pub fn from_source(mut config: LlamaConfig, src: &dyn WeightSource) -> Result<Self> {
+    pub fn from_source(config: LlamaConfig, src: &dyn WeightSource) -> Result<Self> {
+        Self::build(config, src, None)
+    }
+
+    /// Builds the model with its block linears left in the source ([`LazyLinear`]: read and
+    /// dequantized from the memory-mapped file each time they are used, nothing kept), and the
+    /// embeddings, norms and output head loaded. For drivers that visit the blocks one by one
+    /// and replace each linear once quantized: resident memory stays about one block in f32
+    /// plus what replaced the visited ones, whatever the model's size. Running it as it is
+    /// re-reads every linear on every forward (slow, but the same numbers as
+    /// [`LlamaModel::from_source`]).
+    pub fn from_source_lazy(
+        config: LlamaConfig,
+        src: std::sync::Arc<dyn WeightSource + Send + Sync>,
+    ) -> Result<Self> {
+        Self::build(config, src.as_ref(), Some(&src))
+    }
+
+    fn build(
+        mut config: LlamaConfig,
+        src: &dyn WeightSource,
+        lazy: Option<&std::sync::Arc<dyn WeightSource + Send + Sync>>,
+    ) -> Result<Self> {
         config.validate(&src.path().display().to_string())?;
         let c = &config;
         let d = c.hidden_size;
@@ -219,21 +241,34 @@ impl LlamaModel {
             check_shape(src, name, &t, &[len])?;
             vec_f32(&t)
         };
-        let load_linear =
-            |name: &str, out: usize, inp: usize, bias: bool| -> Result<Box<dyn Linear>> {
-                let wn = format!("{name}.weight");
-                let w = src.load(&wn)?;
-                check_shape(src, &wn, &w, &[out, inp])?;
-                let bn = format!("{name}.bias");
-                let b = if bias || src.contains(&bn) {
-                    let b = src.load(&bn)?;
-                    check_shape(src, &bn, &b, &[out])?;
-                    Some(b)
-                } else {
-                    None
-                };
-                Ok(Box::new(DenseLinear::new(w, b)?))
+        let load_linear = |name: &str,
+                           out: usize,
+                           inp: usize,
+                           bias: bool,
+                           keep: bool|
+         -> Result<Box<dyn Linear>> {
+            let wn = format!("{name}.weight");
+            let bn = format!("{name}.bias");
+            let b = if bias || src.contains(&bn) {
+                let b = src.load(&bn)?;
+                check_shape(src, &bn, &b, &[out])?;
+                Some(b)
+            } else {
+                None
             };
+            if let (Some(arc), false) = (lazy, keep) {
+                if !src.contains(&wn) {
+                    return Err(ModelError::MissingTensor {
+                        path: src.path().display().to_string(),
+                        tensor: wn,
+                    });
+                }
+                return Ok(Box::new(LazyLinear::new(arc.clone(), wn, out, inp, b)));
+            }
+            let w = src.load(&wn)?;
+            check_shape(src, &wn, &w, &[out, inp])?;
+            Ok(Box::new(DenseLinear::new(w, b)?))
+        };
         // Not `with_capacity(num_hidden_layers)`: the count comes from the file, and a hostile
         // one would allocate before the first missing block is noticed.
         let mut blocks = Vec::new();
@@ -252,7 +287,7 @@ impl LlamaModel {
             let linears = names
                 .iter()
                 .zip(shapes)
-                .map(|(n, (o, i, b))| load_linear(n, o, i, b))
+                .map(|(n, (o, i, b))| load_linear(n, o, i, b, false))
                 .collect::<Result<Vec<_>>>()?;
             blocks.push(LlamaBlock {
                 input_layernorm: load_vec(&format!("{p}.input_layernorm.weight"), d)?,
@@ -269,7 +304,7 @@ impl LlamaModel {
         let lm_head: Box<dyn Linear> = if tied {
             Box::new(DenseLinear::new(embed_tokens.clone(), None)?)
         } else {
-            load_linear("lm_head", c.vocab_size, d, false)?
+            load_linear("lm_head", c.vocab_size, d, false, true)?
         };
         config.tie_word_embeddings = tied;
         let mut inv_freq = config.inv_freqs();

@@ -347,6 +347,14 @@ pub struct QuantizeConfig {
     /// method in [`QuantizeConfig::validate`]; GGUF and GPTQ-onto-bitsandbytes change the
     /// number format the driver quantizes onto ([`QuantizeConfig::spec`]).
     pub format: crate::export::ExportFormat,
+    /// Low memory (`--lazy`): the block linears stay in the memory-mapped model file until
+    /// their block is quantized ([`crate::source::SourceModel::load_with`]), and each quantized
+    /// linear is kept as its codes and group parameters ([`crate::driver::CodesLinear`],
+    /// dequantized when used) rather than as f32. Resident memory is then about the
+    /// embeddings, one block in f32, the codes, and one block's calibration activations, so
+    /// a model larger than half the RAM still quantizes; evaluation of the result is slower
+    /// (each linear is dequantized on every forward). Same codes as without.
+    pub lazy: bool,
 }
 
 impl Default for QuantizeConfig {
@@ -373,6 +381,7 @@ impl Default for QuantizeConfig {
             awq_samples: 16,
             awq_fold_only: false,
             format: crate::export::ExportFormat::Quantlab,
+            lazy: false,
         }
     }
 }

@@ -393,6 +393,73 @@ fn weight_of(model: &LlamaModel, name: &str) -> Result<Array2<f32>> {
     to_array(&model.linear(name)?.weight()?)
 }
 
+/// A block linear held as what the checkpoint stores, its codes and group parameters, and
+/// dequantized when used (the driver's low-memory mode, [`QuantizeConfig::lazy`]): about a
+/// byte per weight instead of four. `col_div` divides the input columns of the dequantized
+/// weight (AWQ's scale on the linears fed by a norm, whose in-memory weight is
+/// `Q(W diag(s)) diag(1/s)`).
+#[derive(Debug)]
+pub struct CodesLinear {
+    q: QuantizedLinear,
+    col_div: Option<Array1<f32>>,
+    bias: Option<Tensor>,
+}
+
+impl CodesLinear {
+    /// The quantized weight, an optional column divisor and the layer's bias.
+    pub fn new(q: QuantizedLinear, col_div: Option<Array1<f32>>, bias: Option<Tensor>) -> Self {
+        Self { q, col_div, bias }
+    }
+}
+
+impl Linear for CodesLinear {
+    fn forward(&self, x: &Tensor) -> quantlab_models::Result<Tensor> {
+        quantlab_models::DenseLinear::new(self.weight()?, self.bias.clone())?.forward(x)
+    }
+    fn in_features(&self) -> usize {
+        self.q.codes.ncols()
+    }
+    fn out_features(&self) -> usize {
+        self.q.codes.nrows()
+    }
+    fn weight(&self) -> quantlab_models::Result<Tensor> {
+        let mut w = self.q.dequantize();
+        if let Some(s) = &self.col_div {
+            w /= &s.view().insert_axis(Axis(0));
+        }
+        let dims = w.dim();
+        let (v, _) = w.into_raw_vec_and_offset();
+        Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+    }
+    fn bias(&self) -> Option<Tensor> {
+        self.bias.clone()
+    }
+    fn kind(&self) -> &'static str {
+        "codes"
+    }
+}
+
+/// Puts a quantized linear into the model: its dequantized weight `mem` (f32), or with
+/// `cfg.lazy` its codes (`col_div` as in [`CodesLinear`]).
+fn install(
+    model: &mut LlamaModel,
+    cfg: &QuantizeConfig,
+    name: &str,
+    lin: Option<&QuantizedLinear>,
+    col_div: Option<&Array1<f32>>,
+    mem: ArrayView2<f32>,
+) -> Result<()> {
+    match lin {
+        Some(q) if cfg.lazy => {
+            let bias = model.linear(name)?.bias();
+            let new = CodesLinear::new(q.clone(), col_div.cloned(), bias);
+            model.replace_linear(name, Box::new(new))?;
+            Ok(())
+        }
+        _ => set(model, name, mem),
+    }
+}
+
 fn set(model: &mut LlamaModel, name: &str, w: ArrayView2<f32>) -> Result<()> {
     model.set_weight(name, to_tensor(w)?)?;
     Ok(())
@@ -843,7 +910,7 @@ impl GroupSolver<'_> {
         if let Some(s) = norm_s {
             Qw /= &s.view().insert_axis(Axis(0));
         }
-        set(model, &lp.name, Qw.view())?;
+        install(model, self.cfg, &lp.name, Some(&lin), norm_s, Qw.view())?;
         let secs = ts.elapsed().as_secs_f64();
         t.solver += secs;
         let r = report(lp, Some(&lin), Some(&rep), rel, secs);
@@ -1208,7 +1275,14 @@ fn awq_quantize(
         if norm_fed {
             mem /= &cols[k].view().insert_axis(Axis(0));
         }
-        set(model, &lp.name, mem.view())?;
+        install(
+            model,
+            cfg,
+            &lp.name,
+            lin.as_ref(),
+            norm_fed.then_some(&cols[k]),
+            mem.view(),
+        )?;
         let mut r = report(lp, lin.as_ref(), rep.as_ref(), rel, secs);
         r.awq_alpha = alphas[k];
         let scaled = !lp.skip;

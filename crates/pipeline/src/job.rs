@@ -239,7 +239,14 @@ pub fn dry_run(job: &QuantizeJob) -> Result<DryRun> {
         params_linear + mc.vocab_size as u64 * d * if mc.tie_word_embeddings { 1 } else { 2 };
     let bs = c.batch_size.min(c.nsamples) as u64;
     let seq = c.seqlen as u64;
-    let memory = params_total * 4                       // f32 weights
+    // f32 weights; with --lazy only the embeddings in f32 and the linears as 1-byte codes
+    // (held by the report and by the model)
+    let weights = if c.lazy {
+        (params_total - params_linear) * 4 + params_linear * 2
+    } else {
+        params_total * 4
+    };
+    let memory = weights
         + params_linear * 4 / mc.num_hidden_layers as u64 // one block's copies
         + 2 * tokens as u64 * d * 4                      // hidden states in and out
         + bs * seq * (3 * inter + 6 * d) * 4             // one mini-batch's activations
@@ -255,7 +262,7 @@ pub fn dry_run(job: &QuantizeJob) -> Result<DryRun> {
     let passes = if c.method.uses_awq() {
         2.0 + 1.3 * 20.0 * c.awq_samples.min(c.nsamples) as f64 / c.nsamples as f64 * 2.0
     } else if c.method.needs_calibration() && c.true_sequential {
-        2.6
+        1.0 // one staged forward per block
     } else {
         2.0
     };
@@ -406,7 +413,7 @@ pub fn run(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeRep
     let c = &job.config;
 
     let t0 = Instant::now();
-    let mut src = SourceModel::load(&job.model)?;
+    let mut src = SourceModel::load_with(&job.model, c.lazy)?;
     jt.load = t0.elapsed().as_secs_f64();
 
     let t0 = Instant::now();

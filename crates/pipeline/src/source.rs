@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use quantlab_models::{
@@ -131,29 +132,103 @@ fn is_block_linear_weight(name: &str) -> bool {
             .any(|l| name.ends_with(&format!(".{l}.weight")))
 }
 
+/// The file's weights under the names the model asks for: checkpoints of a bare
+/// `LlamaModel` lack the `model.` prefix (`layers.0...`, `embed_tokens.weight`,
+/// `norm.weight`), which is added here.
+struct Prefixed(Box<dyn WeightSource + Send + Sync>);
+
+impl Prefixed {
+    fn inner_name<'a>(&self, name: &'a str) -> &'a str {
+        match name.strip_prefix("model.") {
+            Some(rest) if !self.0.contains(name) && self.0.contains(rest) => rest,
+            _ => name,
+        }
+    }
+}
+
+impl WeightSource for Prefixed {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(self.inner_name(name))
+    }
+    fn load(&self, name: &str) -> quantlab_models::Result<Tensor> {
+        self.0.load(self.inner_name(name))
+    }
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.0.names().into_iter().map(|n| prefixed(&n)).collect();
+        v.sort();
+        v
+    }
+}
+
+fn prefixed(name: &str) -> String {
+    let bare = name.starts_with("layers.")
+        || name.starts_with("embed_tokens.")
+        || name.starts_with("norm.");
+    if bare {
+        format!("model.{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+fn open_source(path: &Path, kind: SourceKind) -> Result<(LlamaConfig, Prefixed)> {
+    Ok(match kind {
+        SourceKind::Gguf => {
+            let w = GgufWeights::open(path)?;
+            (w.config()?, Prefixed(Box::new(w)))
+        }
+        SourceKind::HfDir => (
+            LlamaConfig::from_hf_file(&path.join("config.json"))?,
+            Prefixed(Box::new(SafetensorsWeights::open_dir(path)?)),
+        ),
+    })
+}
+
 impl SourceModel {
     /// Loads a GGUF file or a Hugging Face directory (every tensor dequantized to f32 once).
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, false)
+    }
+
+    /// As [`SourceModel::load`], with `lazy` the block linears left in the memory-mapped file
+    /// ([`LlamaModel::from_source_lazy`]): only the embeddings, norms and other small tensors
+    /// are read now. The quantization driver then holds one block's weights in f32 at a time,
+    /// and (with [`crate::QuantizeConfig::lazy`]) keeps each quantized linear as its codes.
+    pub fn load_with(path: &Path, lazy: bool) -> Result<Self> {
         let kind = detect(path)?;
-        let (config, src): (LlamaConfig, Box<dyn WeightSource>) = match kind {
-            SourceKind::Gguf => {
-                let w = GgufWeights::open(path)?;
-                (w.config()?, Box::new(w))
+        if lazy {
+            let (config, src) = open_source(path, kind)?;
+            let src: Arc<dyn WeightSource + Send + Sync> = Arc::new(src);
+            let model = LlamaModel::from_source_lazy(config, src.clone())?;
+            let mut others = BTreeMap::new();
+            for name in src.names() {
+                if !is_block_linear_weight(&name) {
+                    // the embeddings are the largest: share the model's copy
+                    let t = if name == "model.embed_tokens.weight" {
+                        model.embed_weight().clone()
+                    } else {
+                        src.load(&name)?
+                    };
+                    others.insert(name, t);
+                }
             }
-            SourceKind::HfDir => (
-                LlamaConfig::from_hf_file(&path.join("config.json"))?,
-                Box::new(SafetensorsWeights::open_dir(path)?),
-            ),
-        };
+            let tokenizer = LlamaTokenizer::load(path)?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                kind,
+                model,
+                others,
+                tokenizer,
+            });
+        }
+        let (config, src) = open_source(path, kind)?;
         let mut tensors = BTreeMap::new();
         for name in src.names() {
             let t = src.load(&name)?;
-            // checkpoints of a bare `LlamaModel` lack the `model.` prefix
-            let bare = name.starts_with("layers.")
-                || name.starts_with("embed_tokens.")
-                || name.starts_with("norm.");
-            let key = if bare { format!("model.{name}") } else { name };
-            tensors.insert(key, t);
+            tensors.insert(name, t);
         }
         drop(src);
         let model = LlamaModel::from_source(
