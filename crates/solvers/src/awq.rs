@@ -329,7 +329,81 @@ pub fn search_scales(
 
 /// The clip search on one (already scaled) weight `W [out, in]` with the (scaled) clip
 /// Hessian: the best max value per `[row, group]` (see the module documentation).
+///
+/// The fast version of [`search_clip_reference`], with the same candidates and the same
+/// choice: for each group and candidate, the errors `D` of every row at once, then
+/// `1/2 diag(D H_gg D^T)` through one matrix product per candidate, the groups in parallel.
+/// Only the summation order of the quadratic forms differs from the reference.
 pub fn search_clip(
+    W: ArrayView2<f32>,
+    H_clip: ArrayView2<f32>,
+    format: &dyn Format,
+    params: &AwqParams,
+) -> Result<Array2<f32>> {
+    use rayon::prelude::*;
+    let (out, n) = W.dim();
+    if H_clip.dim() != (n, n) {
+        return Err(shape_err(
+            "awq clip",
+            format!("H is {:?} for {n} columns", H_clip.dim()),
+        ));
+    }
+    params.granularity.check("weight", n)?;
+    let gran = params.granularity;
+    let n_groups = gran.n_groups(n);
+    let steps = ((params.clip_max_shrink * params.clip_n_grid as f64) as usize).max(1);
+    let per_group: Vec<Vec<f32>> = (0..n_groups)
+        .into_par_iter()
+        .map(|gi| {
+            let cols = gran.group_range(gi, n);
+            let (c0, g) = (cols.start, cols.len());
+            let h = faer::Mat::<f64>::from_fn(g, g, |a, b| H_clip[[c0 + a, c0 + b]] as f64);
+            let org_max: Vec<f32> = (0..out)
+                .map(|r| (0..g).fold(0.0f32, |m, t| m.max(W[[r, c0 + t]].abs())))
+                .collect();
+            let mut best_err = vec![f64::INFINITY; out];
+            let mut best_max = org_max.clone();
+            let mut d = faer::Mat::<f64>::zeros(out, g);
+            let mut dh = faer::Mat::<f64>::zeros(out, g);
+            let mut buf = vec![0f32; g];
+            for i in 0..steps {
+                for r in 0..out {
+                    let mx = org_max[r] * (1.0 - i as f32 / params.clip_n_grid as f32);
+                    for t in 0..g {
+                        buf[t] = W[[r, c0 + t]].clamp(-mx, mx);
+                    }
+                    let p = format.fit(&buf);
+                    for t in 0..g {
+                        d[(r, t)] = (W[[r, c0 + t]] - format.quantize(buf[t], p)) as f64;
+                    }
+                }
+                faer::linalg::matmul::matmul(
+                    dh.as_mut(),
+                    faer::Accum::Replace,
+                    d.as_ref(),
+                    h.as_ref(),
+                    1.0,
+                    faer::Par::Seq,
+                );
+                for r in 0..out {
+                    let e = 0.5 * (0..g).map(|t| d[(r, t)] * dh[(r, t)]).sum::<f64>();
+                    if e < best_err[r] {
+                        best_err[r] = e;
+                        best_max[r] = org_max[r] * (1.0 - i as f32 / params.clip_n_grid as f32);
+                    }
+                }
+            }
+            best_max
+        })
+        .collect();
+    Ok(Array2::from_shape_fn((out, n_groups), |(r, gi)| {
+        per_group[gi][r]
+    }))
+}
+
+/// The clip search written as plainly as possible, one `[row, group]` at a time (the
+/// reference of [`search_clip`], which must choose the same values).
+pub fn search_clip_reference(
     W: ArrayView2<f32>,
     H_clip: ArrayView2<f32>,
     format: &dyn Format,
