@@ -1,4 +1,6 @@
-//! ggml's legacy block formats Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 as number formats.
+//! ggml's block formats as number formats: the legacy 32-weight blocks Q4_0, Q4_1, Q5_0,
+//! Q5_1 and Q8_0 (this module), and the K super-blocks Q2_K .. Q6_K ([`crate::ggml_k`]: each
+//! sub-block is a group, a super-block of 256 is fitted at once, [`Format::fit_span`]).
 //!
 //! Each 32-weight block of a row is one group (`Granularity::Group(32)`); its parameters are
 //! the block's f16 scale `d` (and, for the `_1` types, the f16 minimum `m`), so the codes and
@@ -62,7 +64,7 @@ use serde::{Deserialize, Serialize};
 /// Weights per ggml legacy block.
 pub const GGML_BLOCK: usize = 32;
 
-/// One of ggml's legacy 32-weight block formats.
+/// One of ggml's block formats: a legacy 32-weight block, or a sub-block of a K super-block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[allow(non_camel_case_types)]
 pub enum GgmlGrid {
@@ -76,6 +78,16 @@ pub enum GgmlGrid {
     Q5_1,
     /// 8-bit symmetric, `q * d` with `q` an i8.
     Q8_0,
+    /// K super-block, 2-bit affine sub-blocks of 16 ([`crate::ggml_k`]).
+    Q2_K,
+    /// K super-block, 3-bit symmetric sub-blocks of 16.
+    Q3_K,
+    /// K super-block, 4-bit affine sub-blocks of 32.
+    Q4_K,
+    /// K super-block, 5-bit affine sub-blocks of 32.
+    Q5_K,
+    /// K super-block, 6-bit symmetric sub-blocks of 16.
+    Q6_K,
 }
 
 /// Round to f16 and back (nearest even).
@@ -85,7 +97,7 @@ fn f16r(x: f32) -> f32 {
 }
 
 impl GgmlGrid {
-    /// Every grid.
+    /// The legacy 32-weight grids.
     pub const ALL: [GgmlGrid; 5] = [
         GgmlGrid::Q4_0,
         GgmlGrid::Q4_1,
@@ -93,6 +105,39 @@ impl GgmlGrid {
         GgmlGrid::Q5_1,
         GgmlGrid::Q8_0,
     ];
+
+    /// The K super-block grids.
+    pub const K: [GgmlGrid; 5] = [
+        GgmlGrid::Q2_K,
+        GgmlGrid::Q3_K,
+        GgmlGrid::Q4_K,
+        GgmlGrid::Q5_K,
+        GgmlGrid::Q6_K,
+    ];
+
+    /// Whether this is a K super-block grid.
+    pub fn is_k(self) -> bool {
+        crate::ggml_k::layout(self).is_some()
+    }
+
+    /// Weights per parameter group: 32 for the legacy blocks, the sub-block (16 or 32) for
+    /// the K types. `Granularity::Group(group_len())` is the granularity of this grid.
+    pub fn group_len(self) -> usize {
+        if self.is_k() {
+            crate::ggml_k::sub_len(self)
+        } else {
+            GGML_BLOCK
+        }
+    }
+
+    /// Columns fitted together: 256 for the K types, 32 otherwise.
+    pub fn span_len(self) -> usize {
+        if self.is_k() {
+            crate::ggml_k::QK_K
+        } else {
+            GGML_BLOCK
+        }
+    }
 
     /// ggml's name (`"Q4_0"`, ...).
     pub fn ggml_name(self) -> &'static str {
@@ -102,10 +147,15 @@ impl GgmlGrid {
             GgmlGrid::Q5_0 => "Q5_0",
             GgmlGrid::Q5_1 => "Q5_1",
             GgmlGrid::Q8_0 => "Q8_0",
+            GgmlGrid::Q2_K => "Q2_K",
+            GgmlGrid::Q3_K => "Q3_K",
+            GgmlGrid::Q4_K => "Q4_K",
+            GgmlGrid::Q5_K => "Q5_K",
+            GgmlGrid::Q6_K => "Q6_K",
         }
     }
 
-    /// Whether the block stores a minimum `m` (`_1` types).
+    /// Whether the block stores a minimum `m` as a value (the legacy `_1` types).
     pub fn is_affine(self) -> bool {
         matches!(self, GgmlGrid::Q4_1 | GgmlGrid::Q5_1)
     }
@@ -116,6 +166,7 @@ impl GgmlGrid {
             GgmlGrid::Q4_0 | GgmlGrid::Q4_1 => 4,
             GgmlGrid::Q5_0 | GgmlGrid::Q5_1 => 5,
             GgmlGrid::Q8_0 => 8,
+            k => crate::ggml_k::code_bits(k),
         }
     }
 
@@ -311,16 +362,55 @@ impl Format for GgmlGrid {
 
     /// An f16 `d`, plus an f16 `m` for the `_1` types.
     fn param_bits(&self) -> f64 {
-        if self.is_affine() {
+        if self.is_k() {
+            crate::ggml_k::param_bits(*self)
+        } else if self.is_affine() {
             32.0
         } else {
             16.0
         }
     }
 
-    /// The f16 `d`.
+    /// The f16 `d` (K types: all of a sub-block's parameters).
     fn scale_bits(&self) -> f64 {
-        16.0
+        if self.is_k() {
+            self.param_bits()
+        } else {
+            16.0
+        }
+    }
+
+    /// K types: a super-block of 256 columns made of the sub-blocks.
+    fn fit_span(&self) -> Option<crate::format::FitSpan> {
+        self.is_k().then(|| crate::format::FitSpan {
+            span: crate::ggml_k::QK_K,
+            group: self.group_len(),
+        })
+    }
+
+    /// K types: the super-block fit of [`crate::ggml_k`]; the legacy types fit each block
+    /// alone ([`Format::fit_weighted`]).
+    #[track_caller]
+    fn fit_groups(
+        &self,
+        w: &[f32],
+        importance: Option<&[f32]>,
+        group_len: usize,
+        out: &mut [GroupParams],
+    ) {
+        if self.is_k() {
+            crate::ggml_k::fit_groups(*self, w, importance, group_len, out);
+        } else {
+            assert_eq!(
+                out.len(),
+                w.len().div_ceil(group_len.max(1)),
+                "one parameter set per group"
+            );
+            for (i, (chunk, o)) in w.chunks(group_len.max(1)).zip(out.iter_mut()).enumerate() {
+                let s = i * group_len;
+                *o = self.fit_weighted(chunk, importance.map(|imp| &imp[s..s + chunk.len()]));
+            }
+        }
     }
 
     /// ggml's reference `d` (and `m`), rounded to f16 (see the module docs).
@@ -334,7 +424,10 @@ impl Format for GgmlGrid {
                 let (_, amax) = signed_absmax(w);
                 self.params(amax / 127.0, 0.0)
             }
-            GgmlGrid::Q4_1 | GgmlGrid::Q5_1 => {
+            k => {
+                if k.is_k() {
+                    return crate::ggml_k::fit_alone(*k, w, None);
+                }
                 let (min, max) = min_max(w);
                 if w.is_empty() {
                     return self.params(0.0, 0.0);
@@ -347,6 +440,16 @@ impl Format for GgmlGrid {
     /// The importance-weighted scale search of the module docs.
     #[track_caller]
     fn fit_weighted(&self, w: &[f32], importance: Option<&[f32]>) -> GroupParams {
+        if self.is_k() {
+            if let Some(imp) = importance {
+                assert_eq!(
+                    imp.len(),
+                    w.len(),
+                    "importance and weights differ in length"
+                );
+            }
+            return crate::ggml_k::fit_alone(*self, w, importance);
+        }
         match importance {
             None => self.fit(w),
             Some(imp) => {
@@ -366,6 +469,9 @@ impl Format for GgmlGrid {
 
     #[inline]
     fn encode(&self, x: f32, p: GroupParams) -> u8 {
+        if self.is_k() {
+            return crate::ggml_k::encode(*self, x, p);
+        }
         let d = p.scale;
         let (lo, hi) = (self.qlo(), self.qhi());
         if d == 0.0 || !d.is_finite() {
@@ -402,7 +508,9 @@ impl Format for GgmlGrid {
 
     #[inline]
     fn decode(&self, code: u8, p: GroupParams) -> f32 {
-        if self.is_affine() {
+        if self.is_k() {
+            crate::ggml_k::decode(*self, code, p)
+        } else if self.is_affine() {
             code as f32 * p.scale + p.zero
         } else {
             self.int_of(code) as f32 * p.scale
@@ -413,13 +521,14 @@ impl Format for GgmlGrid {
 /// Round-to-nearest of a dense `[out, in]` matrix onto a ggml grid with an importance per
 /// input column (llama.cpp's imatrix: `importance[k]` = mean of `x_k^2` over the calibration
 /// tokens, i.e. the diagonal of `X^T X` up to a constant): each 32-column block of each row
-/// gets the parameters of [`Format::fit_weighted`] (the weighted search of the module docs;
-/// the reference fit when `importance` is `None` or sums to 0 over the block), then every
-/// weight its nearest level. The result has `Granularity::Group(32)` and maps one to one
-/// onto ggml blocks.
+/// (each 256-column super-block for the K types, [`Format::fit_groups`]) gets the parameters
+/// of the importance-weighted fit (the weighted search of the module docs; the reference fit
+/// when `importance` is `None` or sums to 0 over the block), then every weight its nearest
+/// level. The result has `Granularity::Group(grid.group_len())` and maps one to one onto
+/// ggml blocks.
 ///
-/// Errors: `in` not a multiple of 32, `importance` of the wrong length or with a negative or
-/// non-finite entry, non-finite weights (each naming `name`).
+/// Errors: `in` not a multiple of 32 (256 for the K types), `importance` of the wrong length
+/// or with a negative or non-finite entry, non-finite weights (each naming `name`).
 ///
 /// ```
 /// use ndarray::Array2;
@@ -447,11 +556,14 @@ pub fn quantize_ggml_weighted(
 ) -> crate::Result<crate::QuantizedLinear> {
     use crate::{FormatSpec, Granularity, GridError};
     let (out, inp) = w.dim();
-    if out == 0 || inp == 0 || inp % GGML_BLOCK != 0 {
+    let span = grid.span_len();
+    let g = grid.group_len();
+    if out == 0 || inp == 0 || inp % span != 0 {
         return Err(GridError::Shape {
             what: format!("tensor `{name}`"),
             detail: format!(
-                "[{out}, {inp}]: ggml blocks need a non-empty matrix with a multiple of 32 columns"
+                "[{out}, {inp}]: ggml {} blocks need a non-empty matrix with a multiple of {span} columns",
+                grid.ggml_name()
             ),
         });
     }
@@ -470,27 +582,31 @@ pub fn quantize_ggml_weighted(
             });
         }
     }
-    let nb = inp / GGML_BLOCK;
+    let nb = inp / g;
+    let per_span = span / g;
     let mut codes = ndarray::Array2::<u8>::zeros((out, inp));
     let mut scales = ndarray::Array2::<f32>::zeros((out, nb));
     let mut zeros = ndarray::Array2::<f32>::zeros((out, nb));
+    let mut ps = vec![GroupParams::scale_only(0.0); per_span];
     for r in 0..out {
         let row: Vec<f32> = w.row(r).to_vec();
-        for b in 0..nb {
-            let x = &row[b * GGML_BLOCK..(b + 1) * GGML_BLOCK];
-            let imp = importance.map(|i| &i[b * GGML_BLOCK..(b + 1) * GGML_BLOCK]);
-            let p = grid.fit_weighted(x, imp);
-            scales[[r, b]] = p.scale;
-            zeros[[r, b]] = p.zero;
+        for sp in 0..inp / span {
+            let x = &row[sp * span..(sp + 1) * span];
+            let imp = importance.map(|i| &i[sp * span..(sp + 1) * span]);
+            grid.fit_groups(x, imp, g, &mut ps);
             for (j, &v) in x.iter().enumerate() {
-                codes[[r, b * GGML_BLOCK + j]] = grid.encode(v, p);
+                let b = sp * per_span + j / g;
+                let p = ps[j / g];
+                scales[[r, b]] = p.scale;
+                zeros[[r, b]] = p.zero;
+                codes[[r, sp * span + j]] = grid.encode(v, p);
             }
         }
     }
-    let g_idx = (0..inp).map(|k| (k / GGML_BLOCK) as u32).collect();
+    let g_idx = (0..inp).map(|k| (k / g) as u32).collect();
     crate::QuantizedLinear::from_parts(
         FormatSpec::Ggml(grid),
-        Granularity::Group(GGML_BLOCK),
+        Granularity::Group(g),
         codes,
         scales,
         zeros,
