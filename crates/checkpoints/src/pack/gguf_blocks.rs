@@ -24,19 +24,22 @@
 //!   (half away from zero). All products use `1 / d` computed in f32 from the unrounded `d`;
 //!   `d` and `m` are then stored as f16 (round to nearest even).
 //! * K-quants (our own search; ggml's exact search is not reproduced, the bytes differ from
-//!   llama.cpp's but decode with the exact layout): each sub-block (32 weights for Q4_K /
-//!   Q5_K, 16 for Q2_K / Q3_K / Q6_K) gets a scale (and for the affine types a min) from
-//!   [`fit_affine`] or [`fit_symmetric`]: 21 candidate steps around the full-range step,
-//!   codes rounded to nearest, then the weighted least-squares scale (and offset) for those
-//!   codes, keeping the candidate of least `sum_i w_i (x_i - y_i)^2`. The sub-block scales
-//!   (and mins) are then quantized to 6 bits (4 bits for Q2_K, signed 8 bits for Q6_K,
-//!   signed 6 bits for Q3_K) against an f16 super-block scale `d = max / 63` (`/ 15`,
-//!   `/ 127`, `/ 31`), and finally every code is re-rounded to nearest under the stored
-//!   (quantized) parameters.
+//!   llama.cpp's but decode with the exact layout): the reference fit of the K grids,
+//!   [`quantlab_grids::ggml_k::fit_superblock`] (one function for this quantizer, the RTN of
+//!   the grid and GPTQ on it): each sub-block (32 weights for Q4_K / Q5_K, 16 for Q2_K /
+//!   Q3_K / Q6_K) gets a scale (and for the affine types a min) from [`fit_affine`] or
+//!   [`fit_symmetric`]: 21 candidate steps around the full-range step, codes rounded to
+//!   nearest, then the weighted least-squares scale (and offset) for those codes, keeping the
+//!   candidate of least `sum_i w_i (x_i - y_i)^2`. The sub-block scales (and mins) are then
+//!   quantized to 6 bits (4 bits for Q2_K, signed 8 bits for Q6_K, signed 6 bits for Q3_K)
+//!   against an f16 super-block scale `d = max / 63` (`/ 15`, `/ 127`, `/ 31`), and finally
+//!   every code is the nearest level under the stored (quantized) parameters. The `from_parts`
+//!   constructors ([`BlockQ4_K::from_parts`], ..., [`k_block_bytes`]) pack given parameters
+//!   and codes (how GPTQ-placed K grids are written).
 //! * Importance (imatrix) hook, `quantize_weighted(x, w)`: the same searches with per-weight
 //!   importance `w_i >= 0`, minimising `sum_i w_i (x_i - y_i)^2` with `y` the dequantized
-//!   block. For the legacy types the searched block is kept only when its weighted error is
-//!   below that of the reference block, so it is never worse under the objective. A block
+//!   block. The searched block is kept only when its weighted error is below that of the
+//!   reference block, so it is never worse under the objective. A block
 //!   whose importance sums to 0 is quantized as with uniform weights.
 //!
 //! ```
