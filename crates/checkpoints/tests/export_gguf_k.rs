@@ -124,7 +124,10 @@ fn k_grids_placed_by_gptq_and_rtn_write_blocks_the_gguf_package_decodes_exactly(
             let back = gguf_blocks::dequantize(&name, bt, &bytes).unwrap();
             let ours: Vec<f32> = q.dequantize().iter().copied().collect();
             if let Some(i) = bitwise_equal(&back, &ours) {
-                panic!("{name}: block bytes decode to {} vs {} at {i}", back[i], ours[i]);
+                panic!(
+                    "{name}: block bytes decode to {} vs {} at {i}",
+                    back[i], ours[i]
+                );
             }
             // one tensor per case in a GGUF file (GGUF names: written as given)
             let tname = format!("blk.{}.ffn_down.weight", gi * 3 + tensors.len() % 3);
@@ -144,7 +147,11 @@ fn k_grids_placed_by_gptq_and_rtn_write_blocks_the_gguf_package_decodes_exactly(
         let reference = gguf_blocks::quantize("w", bt, &flat, None).unwrap();
         let yr = gguf_blocks::dequantize("w", bt, &reference).unwrap();
         let yq: Vec<f32> = rtn.dequantize().iter().copied().collect();
-        assert_eq!(bitwise_equal(&yr, &yq), None, "{g:?}: reference K quantizer");
+        assert_eq!(
+            bitwise_equal(&yr, &yq),
+            None,
+            "{g:?}: reference K quantizer"
+        );
         // GPTQ changed codes (not vacuous)
         assert_ne!(dynamic.codes, rtn.codes, "{g:?}");
     }
@@ -180,24 +187,38 @@ fn what_cannot_be_a_k_block_is_an_error_naming_the_tensor() {
     let e = blocks_from_quantized("blk.0.ffn_down.weight", &bad, ty)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("blk.0.ffn_down.weight") && e.contains("row 1"), "{e}");
+    assert!(
+        e.contains("blk.0.ffn_down.weight") && e.contains("row 1"),
+        "{e}"
+    );
     // act-order g_idx
     let mut perm = q.clone();
     perm.g_idx.swap(0, 40);
     let e = blocks_from_quantized("blk.0.ffn_down.weight", &perm, ty)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("blk.0.ffn_down.weight") && e.contains("act-order"), "{e}");
+    assert!(
+        e.contains("blk.0.ffn_down.weight") && e.contains("act-order"),
+        "{e}"
+    );
     // another grid or granularity
-    let legacy =
-        quantize_rtn("w", w.view(), &FormatSpec::Ggml(GgmlGrid::Q4_0), Granularity::Group(32))
-            .unwrap();
-    let e = blocks_from_quantized("t", &legacy, ty).unwrap_err().to_string();
+    let legacy = quantize_rtn(
+        "w",
+        w.view(),
+        &FormatSpec::Ggml(GgmlGrid::Q4_0),
+        Granularity::Group(32),
+    )
+    .unwrap();
+    let e = blocks_from_quantized("t", &legacy, ty)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("Q4_K") && e.contains("`t`"), "{e}");
     let g16 = QuantizedLinear {
         granularity: Granularity::Group(16),
         ..q.clone()
     };
-    let e = blocks_from_quantized("t", &g16, ty).unwrap_err().to_string();
+    let e = blocks_from_quantized("t", &g16, ty)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("Group(32)"), "{e}");
 }

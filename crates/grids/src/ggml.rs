@@ -14,6 +14,7 @@
 //! | Q8_0 | i8 as u8 (two's complement) | `scale = d`, `zero = 0` | `q * d` |
 //! | Q4_1 | 0..=15 | `scale = d`, `zero = m` (a VALUE, not code units) | `q * d + m` |
 //! | Q5_1 | 0..=31 | `scale = d`, `zero = m` (a value) | `q * d + m` |
+//! | IQ4_NL | 0..=15 | `scale = d`, `zero = 0` | `d * IQ4_NL_LEVELS[q]` (16 fixed int8 levels) |
 //!
 //! For the `_1` types the zero field holds the block minimum itself, because ggml adds it
 //! after the product: storing `-m / d` in code units would not reproduce ggml's values bit
@@ -33,6 +34,10 @@
 //! computed from the unrounded `d`, so its codes can differ from ours by one step for a
 //! weight within an f16 rounding of a midpoint; ours are the nearest under what is stored.
 //! `d == 0` gives the code of value 0 (`_0`) or of `m` (`_1`).
+//!
+//! IQ4_NL (ggml type 20, llama.cpp's fallback for Q2_K / Q3_K rows that are not whole
+//! super-blocks) has its own scale search (`iq4nl_fit`, documented there): our own, not
+//! llama.cpp's; the layout and levels are exact.
 //!
 //! # Weighted fit (imatrix)
 //! [`Format::fit_weighted`] with importance `w_i >= 0` minimises
@@ -88,7 +93,16 @@ pub enum GgmlGrid {
     Q5_K,
     /// K super-block, 6-bit symmetric sub-blocks of 16.
     Q6_K,
+    /// 32-weight block, f16 `d` times one of 16 fixed non-uniform int8 levels
+    /// ([`IQ4_NL_LEVELS`]): `d * levels[q]`.
+    IQ4_NL,
 }
+
+/// The 16 levels of ggml's IQ4_NL (`kvalues_iq4nl`, as the `gguf` package's dequantizer
+/// lists them), in code order.
+pub const IQ4_NL_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Round to f16 and back (nearest even).
 #[inline]
@@ -152,6 +166,7 @@ impl GgmlGrid {
             GgmlGrid::Q4_K => "Q4_K",
             GgmlGrid::Q5_K => "Q5_K",
             GgmlGrid::Q6_K => "Q6_K",
+            GgmlGrid::IQ4_NL => "IQ4_NL",
         }
     }
 
@@ -166,6 +181,7 @@ impl GgmlGrid {
             GgmlGrid::Q4_0 | GgmlGrid::Q4_1 => 4,
             GgmlGrid::Q5_0 | GgmlGrid::Q5_1 => 5,
             GgmlGrid::Q8_0 => 8,
+            GgmlGrid::IQ4_NL => 4,
             k => crate::ggml_k::code_bits(k),
         }
     }
@@ -350,6 +366,92 @@ fn min_max(x: &[f32]) -> (f32, f32) {
     (min, max)
 }
 
+/// Midpoints between neighbouring IQ4_NL levels (in level units).
+const IQ4_NL_MID: [f32; 15] = {
+    let mut m = [0.0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        m[i] = (IQ4_NL_LEVELS[i] as f32 + IQ4_NL_LEVELS[i + 1] as f32) / 2.0;
+        i += 1;
+    }
+    m
+};
+
+/// The code of the IQ4_NL level `d * level` nearest to `x` (exact in f32; ties: the lower
+/// code); code 8 (level 1, the one nearest 0) when `d` is 0 or not finite.
+#[inline]
+fn iq4nl_encode(x: f32, d: f32) -> u8 {
+    if d == 0.0 || !d.is_finite() {
+        return 8;
+    }
+    let t = x / d;
+    let c0 = if t.is_nan() {
+        8
+    } else {
+        IQ4_NL_MID.iter().take_while(|&&m| t > m).count()
+    };
+    let err = |c: usize| (x - d * IQ4_NL_LEVELS[c] as f32).abs();
+    let mut best = (err(c0), c0);
+    for c in [c0.wrapping_sub(1), c0 + 1] {
+        if c < 16 {
+            let e = err(c);
+            if e < best.0 || (e == best.0 && c < best.1) {
+                best = (e, c);
+            }
+        }
+    }
+    best.1 as u8
+}
+
+/// `sum_i w_i (x_i - d levels[encode(x_i)])^2` in f64, and `sum w x l`, `sum w l^2` of the
+/// chosen levels (for the least-squares refit).
+fn iq4nl_score(x: &[f32], w: Option<&[f32]>, d: f32) -> (f64, f64, f64) {
+    let (mut e, mut sxl, mut sll) = (0.0f64, 0.0f64, 0.0f64);
+    for (i, &v) in x.iter().enumerate() {
+        let l = IQ4_NL_LEVELS[iq4nl_encode(v, d) as usize] as f64;
+        let wi = w.map_or(1.0, |w| w[i] as f64);
+        let r = (v - d * l as f32) as f64;
+        e += wi * r * r;
+        sxl += wi * v as f64 * l;
+        sll += wi * l * l;
+    }
+    (e, sxl, sll)
+}
+
+/// IQ4_NL's scale search (our own): `max` (the signed value of largest `|x|`) mapped onto the
+/// level -127 or +113, each scaled by `1 + t / 40` for `t` in `-5..=5`, every candidate
+/// rounded to f16 and scored by `sum_i w_i (x_i - y_i)^2`, plus the weighted least-squares
+/// refit `sum w x l / sum w l^2` of each candidate's levels; the least error wins (the
+/// first on ties, the plain `max / -127` first of all).
+fn iq4nl_fit(x: &[f32], w: Option<&[f32]>) -> GroupParams {
+    let (max, amax) = signed_absmax(x);
+    if amax == 0.0 {
+        return GroupParams::scale_only(0.0);
+    }
+    let mut best: Option<(f64, f32)> = None;
+    let consider = |d: f32, best: &mut Option<(f64, f32)>| -> (f64, f64) {
+        let d = f16r(d);
+        if d == 0.0 || !d.is_finite() {
+            return (0.0, 0.0);
+        }
+        let (e, sxl, sll) = iq4nl_score(x, w, d);
+        if best.is_none_or(|b| e < b.0) {
+            *best = Some((e, d));
+        }
+        (sxl, sll)
+    };
+    for top in [-127.0f32, 113.0] {
+        for t in -5..=5 {
+            let d = max / (top * (1.0 + t as f32 / 40.0));
+            let (sxl, sll) = consider(d, &mut best);
+            if sll > 0.0 {
+                consider((sxl / sll) as f32, &mut best);
+            }
+        }
+    }
+    GroupParams::scale_only(best.map_or(0.0, |b| b.1))
+}
+
 impl Format for GgmlGrid {
     /// `ggml-q4_0`, `ggml-q4_1`, ...
     fn name(&self) -> String {
@@ -362,7 +464,9 @@ impl Format for GgmlGrid {
 
     /// An f16 `d`, plus an f16 `m` for the `_1` types.
     fn param_bits(&self) -> f64 {
-        if self.is_k() {
+        if *self == GgmlGrid::IQ4_NL {
+            16.0
+        } else if self.is_k() {
             crate::ggml_k::param_bits(*self)
         } else if self.is_affine() {
             32.0
@@ -424,6 +528,7 @@ impl Format for GgmlGrid {
                 let (_, amax) = signed_absmax(w);
                 self.params(amax / 127.0, 0.0)
             }
+            GgmlGrid::IQ4_NL => iq4nl_fit(w, None),
             k => {
                 if k.is_k() {
                     return crate::ggml_k::fit_alone(*k, w, None);
@@ -440,6 +545,17 @@ impl Format for GgmlGrid {
     /// The importance-weighted scale search of the module docs.
     #[track_caller]
     fn fit_weighted(&self, w: &[f32], importance: Option<&[f32]>) -> GroupParams {
+        if *self == GgmlGrid::IQ4_NL {
+            if let Some(imp) = importance {
+                assert_eq!(
+                    imp.len(),
+                    w.len(),
+                    "importance and weights differ in length"
+                );
+            }
+            let imp = importance.filter(|i| i.iter().map(|&v| v as f64).sum::<f64>() > 0.0);
+            return iq4nl_fit(w, imp);
+        }
         if self.is_k() {
             if let Some(imp) = importance {
                 assert_eq!(
@@ -471,6 +587,9 @@ impl Format for GgmlGrid {
     fn encode(&self, x: f32, p: GroupParams) -> u8 {
         if self.is_k() {
             return crate::ggml_k::encode(*self, x, p);
+        }
+        if *self == GgmlGrid::IQ4_NL {
+            return iq4nl_encode(x, p.scale);
         }
         let d = p.scale;
         let (lo, hi) = (self.qlo(), self.qhi());
@@ -510,6 +629,8 @@ impl Format for GgmlGrid {
     fn decode(&self, code: u8, p: GroupParams) -> f32 {
         if self.is_k() {
             crate::ggml_k::decode(*self, code, p)
+        } else if *self == GgmlGrid::IQ4_NL {
+            p.scale * IQ4_NL_LEVELS[code as usize & 15] as f32
         } else if self.is_affine() {
             code as f32 * p.scale + p.zero
         } else {

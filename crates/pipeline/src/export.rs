@@ -104,13 +104,12 @@ pub fn is_k_type(ty: GgmlType) -> bool {
     )
 }
 
-/// The legacy type llama.cpp writes instead of a K type for rows that are not a multiple of
-/// 256 (`llama_tensor_get_type`): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; Q2_K and Q3_K go
-/// to IQ4_NL there, which this writer does not implement: Q4_0 (the same 4.5 bits per weight)
-/// instead. Other types are returned unchanged.
+/// The type llama.cpp writes instead of a K type for rows that are not a multiple of 256
+/// (`llama_tensor_get_type`): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K and Q3_K ->
+/// IQ4_NL (4.5 bits per weight, 16 non-uniform levels). Other types are returned unchanged.
 pub fn k_fallback(ty: GgmlType) -> GgmlType {
     match ty {
-        GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
+        GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::IQ4_NL,
         GgmlType::Q4_K => GgmlType::Q5_0,
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,
@@ -140,6 +139,7 @@ pub fn grid_of(ty: GgmlType) -> Option<GgmlGrid> {
         GgmlType::Q5_0 => GgmlGrid::Q5_0,
         GgmlType::Q5_1 => GgmlGrid::Q5_1,
         GgmlType::Q8_0 => GgmlGrid::Q8_0,
+        GgmlType::IQ4_NL => GgmlGrid::IQ4_NL,
         _ => return None,
     })
 }
@@ -454,11 +454,10 @@ pub fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
         } else if is_k_type(t) {
             let fb = k_fallback(t);
             plan.notes.push(format!(
-                "{fname}: {k_layers} linears with rows of whole 256-blocks are quantized on the {} grid (each super-block's d, dmin and sub-block scales fitted together, {} method), the others on the {} grid (llama.cpp's fallback{})",
+                "{fname}: {k_layers} linears with rows of whole 256-blocks are quantized on the {} grid (each super-block's d, dmin and sub-block scales fitted together, {} method), the others on the {} grid (llama.cpp's fallback)",
                 t.name(),
                 c.method,
                 fb.name(),
-                if matches!(t, GgmlType::Q2_K | GgmlType::Q3_K) { ", which is IQ4_NL in llama.cpp" } else { "" },
             ));
         }
         if c.method == Method::Rtn && t.is_quantized() {

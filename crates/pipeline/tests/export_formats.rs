@@ -276,13 +276,48 @@ fn gguf_k_types_fall_back_on_short_rows_and_write_k_blocks_on_whole_super_blocks
         ..cfg(m, fmt)
     };
     for (fmt, fallback, ftype, c) in [
-        ("gguf:q4_k", GgmlType::Q5_0, 14u32, cfg(Method::Gptq, "gguf:q4_k")),
-        ("gguf:q6_k", GgmlType::Q8_0, 18, cfg(Method::Gptq, "gguf:q6_k")),
-        ("gguf:q2_k", GgmlType::Q4_0, 10, cfg(Method::Gptq, "gguf:q2_k")),
-        ("gguf:q3_k", GgmlType::Q4_0, 11, cfg(Method::Gptq, "gguf:q3_k")),
-        ("gguf:q5_k", GgmlType::Q5_1, 16, cfg(Method::Gptq, "gguf:q5_k")),
-        ("gguf:q4_k", GgmlType::Q5_0, 14, ao(Method::Gptq, "gguf:q4_k")),
-        ("gguf:q6_k", GgmlType::Q8_0, 18, cfg(Method::Rtn, "gguf:q6_k")),
+        (
+            "gguf:q4_k",
+            GgmlType::Q5_0,
+            14u32,
+            cfg(Method::Gptq, "gguf:q4_k"),
+        ),
+        (
+            "gguf:q6_k",
+            GgmlType::Q8_0,
+            18,
+            cfg(Method::Gptq, "gguf:q6_k"),
+        ),
+        (
+            "gguf:q2_k",
+            GgmlType::IQ4_NL,
+            10,
+            cfg(Method::Gptq, "gguf:q2_k"),
+        ),
+        (
+            "gguf:q3_k",
+            GgmlType::IQ4_NL,
+            11,
+            cfg(Method::Rtn, "gguf:q3_k"),
+        ),
+        (
+            "gguf:q5_k",
+            GgmlType::Q5_1,
+            16,
+            cfg(Method::Gptq, "gguf:q5_k"),
+        ),
+        (
+            "gguf:q4_k",
+            GgmlType::Q5_0,
+            14,
+            ao(Method::Gptq, "gguf:q4_k"),
+        ),
+        (
+            "gguf:q6_k",
+            GgmlType::Q8_0,
+            18,
+            cfg(Method::Rtn, "gguf:q6_k"),
+        ),
     ] {
         let out = f.root.join(format!(
             "{}-{}{}.gguf",

@@ -44,7 +44,7 @@
 use super::{invalid, io_at, write_atomic};
 use crate::gguf::{GgmlType, GgufArray, GgufFile, GgufValue};
 use crate::pack::gguf_blocks::{
-    self, to_bytes, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0,
+    self, to_bytes, BlockIQ4_NL, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0,
 };
 use crate::pack::pack_err;
 use crate::{CheckpointError, Result};
@@ -144,6 +144,7 @@ pub fn grid_type(g: GgmlGrid) -> GgmlType {
         GgmlGrid::Q4_K => GgmlType::Q4_K,
         GgmlGrid::Q5_K => GgmlType::Q5_K,
         GgmlGrid::Q6_K => GgmlType::Q6_K,
+        GgmlGrid::IQ4_NL => GgmlType::IQ4_NL,
     }
 }
 
@@ -218,6 +219,7 @@ pub fn blocks_from_quantized(name: &str, q: &QuantizedLinear, ty: GgmlType) -> R
                 .to_le_bytes();
             let bytes = match grid {
                 GgmlGrid::Q4_0 => to_bytes(&[BlockQ4_0 { d, qs }]),
+                GgmlGrid::IQ4_NL => to_bytes(&[BlockIQ4_NL { d, qs }]),
                 GgmlGrid::Q5_0 => to_bytes(&[BlockQ5_0 { d, qh, qs }]),
                 GgmlGrid::Q8_0 => to_bytes(&[BlockQ8_0 {
                     d,
@@ -355,7 +357,7 @@ pub fn quantize_tensor_weighted(
                 pack_err(
                     format!("GGUF {ty}"),
                     name,
-                    "no quantizer for this type (use F32, F16, BF16, Q4_0..Q8_0 or Q2_K..Q6_K)",
+                    "no quantizer for this type (use F32, F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K or IQ4_NL)",
                 )
             })?;
             if cols % bt.block_size() != 0 {
@@ -478,6 +480,7 @@ pub fn file_type_of(ty: GgmlType) -> Option<u32> {
         GgmlType::Q8_0 => 7,
         GgmlType::Q5_0 => 8,
         GgmlType::Q5_1 => 9,
+        GgmlType::IQ4_NL => 25,
         GgmlType::Q2_K => 10,
         GgmlType::Q3_K => 11,
         GgmlType::Q4_K => 14,

@@ -1,4 +1,5 @@
-//! The ggml block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K.
+//! The ggml block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and
+//! IQ4_NL.
 //!
 //! A format is a type: each block is a `#[repr(C)]` struct whose size is checked at compile
 //! time against ggml's type size, and [`GgufBlock`] carries the constants (weights per block
@@ -342,6 +343,18 @@ const _: () = assert!(std::mem::size_of::<BlockQ3_K>() == 110);
 const _: () = assert!(std::mem::size_of::<BlockQ4_K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5_K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6_K>() == 210);
+const _: () = assert!(std::mem::size_of::<BlockIQ4_NL>() == 18);
+
+/// IQ4_NL: 32 weights, `y = d * IQ4_NL_LEVELS[q]` (16 fixed non-uniform int8 levels); nibbles
+/// as Q4_0 (`qs[j]` holds `q[j]` in the low nibble and `q[j + 16]` in the high one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockIQ4_NL {
+    /// f16 scale of the levels.
+    pub d: f16,
+    /// Packed level indices.
+    pub qs: [u8; 16],
+}
 
 // ---------------------------------------------------------------------------------------
 // Little-endian byte helpers
@@ -776,6 +789,50 @@ impl GgufBlock for BlockQ8_0 {
         Self {
             d: r.f16(),
             qs: r.i8_array(),
+        }
+    }
+}
+
+impl GgufBlock for BlockIQ4_NL {
+    const QK: usize = 32;
+    const TYPE_ID: u32 = 20;
+    const TYPE_SIZE: usize = 18;
+    const NAME: &'static str = "IQ4_NL";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        qs: [0; 16],
+    };
+
+    /// The scale search of [`quantlab_grids::GgmlGrid::IQ4_NL`] (weighted with `w`), then the
+    /// nearest level of every weight.
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let g = GgmlGrid::IQ4_NL;
+        let p = g.fit_weighted(x, w);
+        let q: [u8; 32] = std::array::from_fn(|j| g.encode(x[j], p));
+        Self {
+            d: f16::from_f32(p.scale),
+            qs: nibbles(&q),
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let d = self.d.to_f32();
+        for (j, v) in y.iter_mut().enumerate() {
+            *v = d * quantlab_grids::ggml::IQ4_NL_LEVELS[unnibble(&self.qs, j) as usize] as f32;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.f16(self.d);
+        o.bytes(&self.qs);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            d: r.f16(),
+            qs: r.array(),
         }
     }
 }
@@ -1236,6 +1293,8 @@ pub enum GgmlType {
     Q5_K,
     /// ggml `Q6_K`, type id 14 ([`BlockQ6_K`]).
     Q6_K,
+    /// ggml `IQ4_NL`, type id 20 ([`BlockIQ4_NL`]).
+    IQ4_NL,
 }
 
 macro_rules! dispatch {
@@ -1281,13 +1340,17 @@ macro_rules! dispatch {
                 type $B = BlockQ6_K;
                 $body
             }
+            GgmlType::IQ4_NL => {
+                type $B = BlockIQ4_NL;
+                $body
+            }
         }
     };
 }
 
 impl GgmlType {
     /// Every type, in type-id order.
-    pub const ALL: [GgmlType; 10] = [
+    pub const ALL: [GgmlType; 11] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
@@ -1298,6 +1361,7 @@ impl GgmlType {
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
     ];
 
     /// The GGUF type id.
