@@ -553,8 +553,19 @@ impl Format for GgmlGrid {
                     "importance and weights differ in length"
                 );
             }
-            let imp = importance.filter(|i| i.iter().map(|&v| v as f64).sum::<f64>() > 0.0);
-            return iq4nl_fit(w, imp);
+            let plain = iq4nl_fit(w, None);
+            let Some(imp) = importance.filter(|i| i.iter().map(|&v| v as f64).sum::<f64>() > 0.0)
+            else {
+                return plain;
+            };
+            // the weighted search, kept only when better than the plain fit under the weights
+            let weighted = iq4nl_fit(w, Some(imp));
+            let e = |p: GroupParams| iq4nl_score(w, Some(imp), p.scale).0;
+            return if e(weighted) < e(plain) {
+                weighted
+            } else {
+                plain
+            };
         }
         if self.is_k() {
             if let Some(imp) = importance {

@@ -251,3 +251,63 @@ fn shapes_a_k_grid_cannot_hold_are_errors_naming_the_tensor() {
         }
     }
 }
+
+#[test]
+fn iq4_nl_levels_encode_and_fit() {
+    use quantlab_grids::ggml::IQ4_NL_LEVELS;
+    let g = GgmlGrid::IQ4_NL;
+    // the levels as the gguf package lists them (kvalues_iq4nl)
+    let p = GroupParams::scale_only(0.5);
+    let lv = g.levels(p);
+    assert_eq!(lv.len(), 16);
+    assert_eq!(lv[0], -63.5);
+    assert_eq!(lv[15], 56.5);
+    assert!(lv.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(IQ4_NL_LEVELS[8], 1);
+    let mut rng = StdRng::seed_from_u64(17);
+    for trial in 0..200 {
+        let x: Vec<f32> = (0..32)
+            .map(|_| (0.1 + trial as f32 * 0.01) * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
+        let p = g.fit(&x);
+        assert_eq!(f16::from_f32(p.scale).to_f32(), p.scale, "f16 d");
+        let mut probes = x.clone();
+        probes.extend([0.0, -1e3, 1e3]);
+        for &v in &probes {
+            let c = g.encode(v, p);
+            let best = g
+                .levels(p)
+                .iter()
+                .map(|&l| (v - l).abs())
+                .fold(f32::INFINITY, f32::min);
+            assert_eq!((v - g.decode(c, p)).abs(), best, "x {v} p {p:?}");
+        }
+        // the search is at least as good as mapping the largest |x| onto -127 or +113
+        let err = |d: f32| -> f64 {
+            let p = GroupParams::scale_only(f16::from_f32(d).to_f32());
+            x.iter()
+                .map(|&v| ((v - g.quantize(v, p)) as f64).powi(2))
+                .sum()
+        };
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let max = *x.iter().find(|v| v.abs() == amax).unwrap();
+        let fitted = err(p.scale);
+        assert!(fitted <= err(max / -127.0) + 1e-12 && fitted <= err(max / 113.0) + 1e-12);
+        // weighted: never worse than the plain fit under the weights
+        let imp: Vec<f32> = (0..32)
+            .map(|k| if k % 4 == 0 { 20.0 } else { 1.0 })
+            .collect();
+        let pw = g.fit_weighted(&x, Some(&imp));
+        let werr = |p: GroupParams| -> f64 {
+            x.iter()
+                .zip(&imp)
+                .map(|(&v, &w)| w as f64 * ((v - g.quantize(v, p)) as f64).powi(2))
+                .sum()
+        };
+        assert!(werr(pw) <= werr(p) + 1e-12);
+    }
+    // bits: 4-bit codes and an f16 per 32 = 4.5 (18 bytes per block)
+    let w = Array2::from_shape_fn((2, 64), |(r, k)| ((r * 64 + k) as f32).cos());
+    let q = quantize_rtn("w", w.view(), &FormatSpec::Ggml(g), Granularity::Group(32)).unwrap();
+    assert_eq!(q.bits_per_weight(), 4.5);
+}
