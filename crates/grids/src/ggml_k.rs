@@ -102,7 +102,8 @@ pub(crate) fn layout(g: GgmlGrid) -> Option<KLayout> {
             sc_lo: -32,
             sc_hi: 31,
             code_bits: 3,
-            param_bits: 6.0 + 16.0 / 16.0,
+            // 6-bit scale, plus the f16 d shared by 16 sub-blocks: 16 / 16 bits
+            param_bits: 6.0 + 1.0,
         },
         GgmlGrid::Q4_K => KLayout {
             sub: 32,
@@ -135,7 +136,8 @@ pub(crate) fn layout(g: GgmlGrid) -> Option<KLayout> {
             sc_lo: -128,
             sc_hi: 127,
             code_bits: 6,
-            param_bits: 8.0 + 16.0 / 16.0,
+            // i8 scale, plus the f16 d shared by 16 sub-blocks: 16 / 16 bits
+            param_bits: 8.0 + 1.0,
         },
         _ => return None,
     })
