@@ -18,7 +18,8 @@
 //! [`quantlab_grids::ggml_k`]: each 256-column super-block's f16 `d`, `dmin` and sub-block
 //! scales are fitted when GPTQ's sweep reaches it (or up front with static groups; `rtn`
 //! with the imatrix), and the codes and parameters are written as they are; shorter rows
-//! fall back as llama.cpp does, see [`k_fallback`]); `f32`, `f16` (nothing quantized). Embeddings and `output.weight` follow llama.cpp's quantizer
+//! fall back as llama.cpp does, see [`k_fallback`]); `f32`, `f16` (nothing quantized).
+//! Embeddings and `output.weight` follow llama.cpp's quantizer
 //! ([`llama_cpp_embedding_type`]); norms and biases are F32.
 
 use std::collections::BTreeMap;
