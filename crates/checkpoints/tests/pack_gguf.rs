@@ -386,7 +386,7 @@ proptest! {
 
     /// Any bytes are some block: reading then writing gives the same bytes.
     #[test]
-    fn bytes_round_trip(ty_i in 0usize..10, n in 1usize..4, seed in any::<u64>()) {
+    fn bytes_round_trip(ty_i in 0usize..11, n in 1usize..4, seed in any::<u64>()) {
         let ty = GgmlType::ALL[ty_i];
         let mut rng = StdRng::seed_from_u64(seed);
         let bytes: Vec<u8> = (0..n * ty.type_size()).map(|_| rng.random()).collect();
@@ -406,6 +406,7 @@ proptest! {
             GgmlType::Q4_K => check!(BlockQ4_K),
             GgmlType::Q5_K => check!(BlockQ5_K),
             GgmlType::Q6_K => check!(BlockQ6_K),
+            GgmlType::IQ4_NL => check!(BlockIQ4_NL),
         }
     }
 

@@ -134,8 +134,10 @@ pub struct QuantizeArgs {
     /// (bitsandbytes Linear4bit; --method nf4/fp4, or gptq for GPTQ on the codebook),
     /// `bnb-int8` (LLM.int8; --method int8), or `gguf:<type>` with type q4_0, q4_1, q5_0,
     /// q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f32, f16 (one .gguf file for llama.cpp;
-    /// --method gptq quantizes on the ggml block grid, --method rtn fits each block with the
-    /// calibration imatrix). Checked against the method before any work.
+    /// --method gptq quantizes on the ggml block grid, K types on their 256-weight
+    /// super-blocks, --method rtn fits each block with the calibration imatrix; K-type rows
+    /// that are not multiples of 256 fall back as llama.cpp does: Q4_K -> Q5_0, Q5_K -> Q5_1,
+    /// Q6_K -> Q8_0, Q2_K / Q3_K -> IQ4_NL). Checked against the method before any work.
     #[arg(long, default_value = "quantlab", value_name = "FORMAT")]
     pub format: String,
     /// Output directory (a .gguf file for --format gguf:*), written atomically.

@@ -49,6 +49,36 @@ pub trait Format: Send + Sync + std::fmt::Debug {
         let _ = importance;
         self.fit(w)
     }
+    /// When the parameters of several consecutive groups are fitted together (ggml's K
+    /// types: the sub-block scales of a 256-weight super-block are quantized against one
+    /// f16 scale), the span and the group length it is made of; `None` (the default): every
+    /// group is fitted alone. Solvers fit a span when they reach its first column
+    /// ([`Format::fit_groups`]), so the parameters of its groups are consistent.
+    fn fit_span(&self) -> Option<FitSpan> {
+        None
+    }
+    /// The parameters of the consecutive groups of `group_len` columns covering `w` (one
+    /// span, or one group), one per entry of `out` (`ceil(w.len() / group_len)` entries);
+    /// `importance` as in [`Format::fit_weighted`]. The default fits each group alone with
+    /// [`Format::fit_weighted`].
+    #[track_caller]
+    fn fit_groups(
+        &self,
+        w: &[f32],
+        importance: Option<&[f32]>,
+        group_len: usize,
+        out: &mut [GroupParams],
+    ) {
+        assert_eq!(
+            out.len(),
+            w.len().div_ceil(group_len.max(1)),
+            "one parameter set per group"
+        );
+        for (i, (chunk, o)) in w.chunks(group_len.max(1)).zip(out.iter_mut()).enumerate() {
+            let s = i * group_len;
+            *o = self.fit_weighted(chunk, importance.map(|imp| &imp[s..s + chunk.len()]));
+        }
+    }
     /// The code of `x` under `p`.
     fn encode(&self, x: f32, p: GroupParams) -> u8;
     /// The value of `code` under `p`.
@@ -66,6 +96,65 @@ pub trait Format: Send + Sync + std::fmt::Debug {
             .map(|c| self.decode(c as u8, p))
             .collect()
     }
+}
+
+/// Groups whose parameters are fitted together ([`Format::fit_span`]): `span` columns made
+/// of groups of `group` columns (ggml Q4_K: 256 and 32; Q6_K: 256 and 16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FitSpan {
+    /// Columns fitted together (a multiple of `group`).
+    pub span: usize,
+    /// Columns per parameter group.
+    pub group: usize,
+}
+
+/// The number of columns whose parameters are fitted together for `format` with
+/// `granularity` on rows of `columns` inputs: the span of [`Format::fit_span`], or the group
+/// length ([`Granularity::group_len`]) when the format fits groups alone. A spanning format
+/// needs `Granularity::Group(span.group)` and rows of whole spans; the error names `tensor`.
+///
+/// ```
+/// use quantlab_grids::format::fit_span_len;
+/// use quantlab_grids::{GgmlGrid, Granularity, UniformGrid};
+/// let int4 = UniformGrid::new(4, true).unwrap();
+/// assert_eq!(fit_span_len(&int4, Granularity::Group(128), "w", 576).unwrap(), 128);
+/// assert_eq!(fit_span_len(&GgmlGrid::Q4_K, Granularity::Group(32), "w", 1536).unwrap(), 256);
+/// assert!(fit_span_len(&GgmlGrid::Q4_K, Granularity::Group(32), "w", 576).is_err());
+/// assert!(fit_span_len(&GgmlGrid::Q6_K, Granularity::Group(32), "w", 512).is_err());
+/// ```
+pub fn fit_span_len(
+    format: &dyn Format,
+    granularity: Granularity,
+    tensor: &str,
+    columns: usize,
+) -> crate::Result<usize> {
+    let Some(fs) = format.fit_span() else {
+        return Ok(granularity.group_len(columns));
+    };
+    if granularity != Granularity::Group(fs.group) {
+        return Err(crate::GridError::InvalidOption {
+            option: "granularity".into(),
+            detail: format!(
+                "{} of `{tensor}` groups {} columns under one fit of {} columns: use groups of {} (not {granularity:?})",
+                format.name(),
+                fs.group,
+                fs.span,
+                fs.group
+            ),
+        });
+    }
+    if columns == 0 || columns % fs.span != 0 {
+        return Err(crate::GridError::Shape {
+            what: format!("tensor `{tensor}`"),
+            detail: format!(
+                "rows of {columns} values: {} needs whole super-blocks of {} (a multiple of {} columns)",
+                format.name(),
+                fs.span,
+                fs.span
+            ),
+        });
+    }
+    Ok(fs.span)
 }
 
 /// How weights of an `[out, in]` matrix are grouped to share parameters.

@@ -1,4 +1,6 @@
-//! ggml's legacy block formats Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 as number formats.
+//! ggml's block formats as number formats: the legacy 32-weight blocks Q4_0, Q4_1, Q5_0,
+//! Q5_1 and Q8_0 (this module), and the K super-blocks Q2_K .. Q6_K ([`crate::ggml_k`]: each
+//! sub-block is a group, a super-block of 256 is fitted at once, [`Format::fit_span`]).
 //!
 //! Each 32-weight block of a row is one group (`Granularity::Group(32)`); its parameters are
 //! the block's f16 scale `d` (and, for the `_1` types, the f16 minimum `m`), so the codes and
@@ -12,6 +14,7 @@
 //! | Q8_0 | i8 as u8 (two's complement) | `scale = d`, `zero = 0` | `q * d` |
 //! | Q4_1 | 0..=15 | `scale = d`, `zero = m` (a VALUE, not code units) | `q * d + m` |
 //! | Q5_1 | 0..=31 | `scale = d`, `zero = m` (a value) | `q * d + m` |
+//! | IQ4_NL | 0..=15 | `scale = d`, `zero = 0` | `d * IQ4_NL_LEVELS[q]` (16 fixed int8 levels) |
 //!
 //! For the `_1` types the zero field holds the block minimum itself, because ggml adds it
 //! after the product: storing `-m / d` in code units would not reproduce ggml's values bit
@@ -31,6 +34,10 @@
 //! computed from the unrounded `d`, so its codes can differ from ours by one step for a
 //! weight within an f16 rounding of a midpoint; ours are the nearest under what is stored.
 //! `d == 0` gives the code of value 0 (`_0`) or of `m` (`_1`).
+//!
+//! IQ4_NL (ggml type 20, llama.cpp's fallback for Q2_K / Q3_K rows that are not whole
+//! super-blocks) has its own scale search (`iq4nl_fit`, documented there): our own, not
+//! llama.cpp's; the layout and levels are exact.
 //!
 //! # Weighted fit (imatrix)
 //! [`Format::fit_weighted`] with importance `w_i >= 0` minimises
@@ -62,7 +69,7 @@ use serde::{Deserialize, Serialize};
 /// Weights per ggml legacy block.
 pub const GGML_BLOCK: usize = 32;
 
-/// One of ggml's legacy 32-weight block formats.
+/// One of ggml's block formats: a legacy 32-weight block, or a sub-block of a K super-block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[allow(non_camel_case_types)]
 pub enum GgmlGrid {
@@ -76,7 +83,26 @@ pub enum GgmlGrid {
     Q5_1,
     /// 8-bit symmetric, `q * d` with `q` an i8.
     Q8_0,
+    /// K super-block, 2-bit affine sub-blocks of 16 ([`crate::ggml_k`]).
+    Q2_K,
+    /// K super-block, 3-bit symmetric sub-blocks of 16.
+    Q3_K,
+    /// K super-block, 4-bit affine sub-blocks of 32.
+    Q4_K,
+    /// K super-block, 5-bit affine sub-blocks of 32.
+    Q5_K,
+    /// K super-block, 6-bit symmetric sub-blocks of 16.
+    Q6_K,
+    /// 32-weight block, f16 `d` times one of 16 fixed non-uniform int8 levels
+    /// ([`IQ4_NL_LEVELS`]): `d * levels[q]`.
+    IQ4_NL,
 }
+
+/// The 16 levels of ggml's IQ4_NL (`kvalues_iq4nl`, as the `gguf` package's dequantizer
+/// lists them), in code order.
+pub const IQ4_NL_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Round to f16 and back (nearest even).
 #[inline]
@@ -85,7 +111,7 @@ fn f16r(x: f32) -> f32 {
 }
 
 impl GgmlGrid {
-    /// Every grid.
+    /// The legacy 32-weight grids.
     pub const ALL: [GgmlGrid; 5] = [
         GgmlGrid::Q4_0,
         GgmlGrid::Q4_1,
@@ -93,6 +119,39 @@ impl GgmlGrid {
         GgmlGrid::Q5_1,
         GgmlGrid::Q8_0,
     ];
+
+    /// The K super-block grids.
+    pub const K: [GgmlGrid; 5] = [
+        GgmlGrid::Q2_K,
+        GgmlGrid::Q3_K,
+        GgmlGrid::Q4_K,
+        GgmlGrid::Q5_K,
+        GgmlGrid::Q6_K,
+    ];
+
+    /// Whether this is a K super-block grid.
+    pub fn is_k(self) -> bool {
+        crate::ggml_k::layout(self).is_some()
+    }
+
+    /// Weights per parameter group: 32 for the legacy blocks, the sub-block (16 or 32) for
+    /// the K types. `Granularity::Group(group_len())` is the granularity of this grid.
+    pub fn group_len(self) -> usize {
+        if self.is_k() {
+            crate::ggml_k::sub_len(self)
+        } else {
+            GGML_BLOCK
+        }
+    }
+
+    /// Columns fitted together: 256 for the K types, 32 otherwise.
+    pub fn span_len(self) -> usize {
+        if self.is_k() {
+            crate::ggml_k::QK_K
+        } else {
+            GGML_BLOCK
+        }
+    }
 
     /// ggml's name (`"Q4_0"`, ...).
     pub fn ggml_name(self) -> &'static str {
@@ -102,10 +161,16 @@ impl GgmlGrid {
             GgmlGrid::Q5_0 => "Q5_0",
             GgmlGrid::Q5_1 => "Q5_1",
             GgmlGrid::Q8_0 => "Q8_0",
+            GgmlGrid::Q2_K => "Q2_K",
+            GgmlGrid::Q3_K => "Q3_K",
+            GgmlGrid::Q4_K => "Q4_K",
+            GgmlGrid::Q5_K => "Q5_K",
+            GgmlGrid::Q6_K => "Q6_K",
+            GgmlGrid::IQ4_NL => "IQ4_NL",
         }
     }
 
-    /// Whether the block stores a minimum `m` (`_1` types).
+    /// Whether the block stores a minimum `m` as a value (the legacy `_1` types).
     pub fn is_affine(self) -> bool {
         matches!(self, GgmlGrid::Q4_1 | GgmlGrid::Q5_1)
     }
@@ -116,6 +181,8 @@ impl GgmlGrid {
             GgmlGrid::Q4_0 | GgmlGrid::Q4_1 => 4,
             GgmlGrid::Q5_0 | GgmlGrid::Q5_1 => 5,
             GgmlGrid::Q8_0 => 8,
+            GgmlGrid::IQ4_NL => 4,
+            k => crate::ggml_k::code_bits(k),
         }
     }
 
@@ -299,6 +366,92 @@ fn min_max(x: &[f32]) -> (f32, f32) {
     (min, max)
 }
 
+/// Midpoints between neighbouring IQ4_NL levels (in level units).
+const IQ4_NL_MID: [f32; 15] = {
+    let mut m = [0.0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        m[i] = (IQ4_NL_LEVELS[i] as f32 + IQ4_NL_LEVELS[i + 1] as f32) / 2.0;
+        i += 1;
+    }
+    m
+};
+
+/// The code of the IQ4_NL level `d * level` nearest to `x` (exact in f32; ties: the lower
+/// code); code 8 (level 1, the one nearest 0) when `d` is 0 or not finite.
+#[inline]
+fn iq4nl_encode(x: f32, d: f32) -> u8 {
+    if d == 0.0 || !d.is_finite() {
+        return 8;
+    }
+    let t = x / d;
+    let c0 = if t.is_nan() {
+        8
+    } else {
+        IQ4_NL_MID.iter().take_while(|&&m| t > m).count()
+    };
+    let err = |c: usize| (x - d * IQ4_NL_LEVELS[c] as f32).abs();
+    let mut best = (err(c0), c0);
+    for c in [c0.wrapping_sub(1), c0 + 1] {
+        if c < 16 {
+            let e = err(c);
+            if e < best.0 || (e == best.0 && c < best.1) {
+                best = (e, c);
+            }
+        }
+    }
+    best.1 as u8
+}
+
+/// `sum_i w_i (x_i - d levels[encode(x_i)])^2` in f64, and `sum w x l`, `sum w l^2` of the
+/// chosen levels (for the least-squares refit).
+fn iq4nl_score(x: &[f32], w: Option<&[f32]>, d: f32) -> (f64, f64, f64) {
+    let (mut e, mut sxl, mut sll) = (0.0f64, 0.0f64, 0.0f64);
+    for (i, &v) in x.iter().enumerate() {
+        let l = IQ4_NL_LEVELS[iq4nl_encode(v, d) as usize] as f64;
+        let wi = w.map_or(1.0, |w| w[i] as f64);
+        let r = (v - d * l as f32) as f64;
+        e += wi * r * r;
+        sxl += wi * v as f64 * l;
+        sll += wi * l * l;
+    }
+    (e, sxl, sll)
+}
+
+/// IQ4_NL's scale search (our own): `max` (the signed value of largest `|x|`) mapped onto the
+/// level -127 or +113, each scaled by `1 + t / 40` for `t` in `-5..=5`, every candidate
+/// rounded to f16 and scored by `sum_i w_i (x_i - y_i)^2`, plus the weighted least-squares
+/// refit `sum w x l / sum w l^2` of each candidate's levels; the least error wins (the
+/// first on ties, the plain `max / -127` first of all).
+fn iq4nl_fit(x: &[f32], w: Option<&[f32]>) -> GroupParams {
+    let (max, amax) = signed_absmax(x);
+    if amax == 0.0 {
+        return GroupParams::scale_only(0.0);
+    }
+    let mut best: Option<(f64, f32)> = None;
+    let consider = |d: f32, best: &mut Option<(f64, f32)>| -> (f64, f64) {
+        let d = f16r(d);
+        if d == 0.0 || !d.is_finite() {
+            return (0.0, 0.0);
+        }
+        let (e, sxl, sll) = iq4nl_score(x, w, d);
+        if best.is_none_or(|b| e < b.0) {
+            *best = Some((e, d));
+        }
+        (sxl, sll)
+    };
+    for top in [-127.0f32, 113.0] {
+        for t in -5..=5 {
+            let d = max / (top * (1.0 + t as f32 / 40.0));
+            let (sxl, sll) = consider(d, &mut best);
+            if sll > 0.0 {
+                consider((sxl / sll) as f32, &mut best);
+            }
+        }
+    }
+    GroupParams::scale_only(best.map_or(0.0, |b| b.1))
+}
+
 impl Format for GgmlGrid {
     /// `ggml-q4_0`, `ggml-q4_1`, ...
     fn name(&self) -> String {
@@ -311,16 +464,57 @@ impl Format for GgmlGrid {
 
     /// An f16 `d`, plus an f16 `m` for the `_1` types.
     fn param_bits(&self) -> f64 {
-        if self.is_affine() {
+        if *self == GgmlGrid::IQ4_NL {
+            16.0
+        } else if self.is_k() {
+            crate::ggml_k::param_bits(*self)
+        } else if self.is_affine() {
             32.0
         } else {
             16.0
         }
     }
 
-    /// The f16 `d`.
+    /// The f16 `d` (K types: all of a sub-block's parameters).
     fn scale_bits(&self) -> f64 {
-        16.0
+        if self.is_k() {
+            self.param_bits()
+        } else {
+            16.0
+        }
+    }
+
+    /// K types: a super-block of 256 columns made of the sub-blocks.
+    fn fit_span(&self) -> Option<crate::format::FitSpan> {
+        self.is_k().then(|| crate::format::FitSpan {
+            span: crate::ggml_k::QK_K,
+            group: self.group_len(),
+        })
+    }
+
+    /// K types: the super-block fit of [`crate::ggml_k`]; the legacy types fit each block
+    /// alone ([`Format::fit_weighted`]).
+    #[track_caller]
+    fn fit_groups(
+        &self,
+        w: &[f32],
+        importance: Option<&[f32]>,
+        group_len: usize,
+        out: &mut [GroupParams],
+    ) {
+        if self.is_k() {
+            crate::ggml_k::fit_groups(*self, w, importance, group_len, out);
+        } else {
+            assert_eq!(
+                out.len(),
+                w.len().div_ceil(group_len.max(1)),
+                "one parameter set per group"
+            );
+            for (i, (chunk, o)) in w.chunks(group_len.max(1)).zip(out.iter_mut()).enumerate() {
+                let s = i * group_len;
+                *o = self.fit_weighted(chunk, importance.map(|imp| &imp[s..s + chunk.len()]));
+            }
+        }
     }
 
     /// ggml's reference `d` (and `m`), rounded to f16 (see the module docs).
@@ -334,7 +528,11 @@ impl Format for GgmlGrid {
                 let (_, amax) = signed_absmax(w);
                 self.params(amax / 127.0, 0.0)
             }
-            GgmlGrid::Q4_1 | GgmlGrid::Q5_1 => {
+            GgmlGrid::IQ4_NL => iq4nl_fit(w, None),
+            k => {
+                if k.is_k() {
+                    return crate::ggml_k::fit_alone(*k, w, None);
+                }
                 let (min, max) = min_max(w);
                 if w.is_empty() {
                     return self.params(0.0, 0.0);
@@ -347,6 +545,38 @@ impl Format for GgmlGrid {
     /// The importance-weighted scale search of the module docs.
     #[track_caller]
     fn fit_weighted(&self, w: &[f32], importance: Option<&[f32]>) -> GroupParams {
+        if *self == GgmlGrid::IQ4_NL {
+            if let Some(imp) = importance {
+                assert_eq!(
+                    imp.len(),
+                    w.len(),
+                    "importance and weights differ in length"
+                );
+            }
+            let plain = iq4nl_fit(w, None);
+            let Some(imp) = importance.filter(|i| i.iter().map(|&v| v as f64).sum::<f64>() > 0.0)
+            else {
+                return plain;
+            };
+            // the weighted search, kept only when better than the plain fit under the weights
+            let weighted = iq4nl_fit(w, Some(imp));
+            let e = |p: GroupParams| iq4nl_score(w, Some(imp), p.scale).0;
+            return if e(weighted) < e(plain) {
+                weighted
+            } else {
+                plain
+            };
+        }
+        if self.is_k() {
+            if let Some(imp) = importance {
+                assert_eq!(
+                    imp.len(),
+                    w.len(),
+                    "importance and weights differ in length"
+                );
+            }
+            return crate::ggml_k::fit_alone(*self, w, importance);
+        }
         match importance {
             None => self.fit(w),
             Some(imp) => {
@@ -366,6 +596,12 @@ impl Format for GgmlGrid {
 
     #[inline]
     fn encode(&self, x: f32, p: GroupParams) -> u8 {
+        if self.is_k() {
+            return crate::ggml_k::encode(*self, x, p);
+        }
+        if *self == GgmlGrid::IQ4_NL {
+            return iq4nl_encode(x, p.scale);
+        }
         let d = p.scale;
         let (lo, hi) = (self.qlo(), self.qhi());
         if d == 0.0 || !d.is_finite() {
@@ -402,7 +638,11 @@ impl Format for GgmlGrid {
 
     #[inline]
     fn decode(&self, code: u8, p: GroupParams) -> f32 {
-        if self.is_affine() {
+        if self.is_k() {
+            crate::ggml_k::decode(*self, code, p)
+        } else if *self == GgmlGrid::IQ4_NL {
+            p.scale * IQ4_NL_LEVELS[code as usize & 15] as f32
+        } else if self.is_affine() {
             code as f32 * p.scale + p.zero
         } else {
             self.int_of(code) as f32 * p.scale
@@ -413,13 +653,14 @@ impl Format for GgmlGrid {
 /// Round-to-nearest of a dense `[out, in]` matrix onto a ggml grid with an importance per
 /// input column (llama.cpp's imatrix: `importance[k]` = mean of `x_k^2` over the calibration
 /// tokens, i.e. the diagonal of `X^T X` up to a constant): each 32-column block of each row
-/// gets the parameters of [`Format::fit_weighted`] (the weighted search of the module docs;
-/// the reference fit when `importance` is `None` or sums to 0 over the block), then every
-/// weight its nearest level. The result has `Granularity::Group(32)` and maps one to one
-/// onto ggml blocks.
+/// (each 256-column super-block for the K types, [`Format::fit_groups`]) gets the parameters
+/// of the importance-weighted fit (the weighted search of the module docs; the reference fit
+/// when `importance` is `None` or sums to 0 over the block), then every weight its nearest
+/// level. The result has `Granularity::Group(grid.group_len())` and maps one to one onto
+/// ggml blocks.
 ///
-/// Errors: `in` not a multiple of 32, `importance` of the wrong length or with a negative or
-/// non-finite entry, non-finite weights (each naming `name`).
+/// Errors: `in` not a multiple of 32 (256 for the K types), `importance` of the wrong length
+/// or with a negative or non-finite entry, non-finite weights (each naming `name`).
 ///
 /// ```
 /// use ndarray::Array2;
@@ -447,11 +688,14 @@ pub fn quantize_ggml_weighted(
 ) -> crate::Result<crate::QuantizedLinear> {
     use crate::{FormatSpec, Granularity, GridError};
     let (out, inp) = w.dim();
-    if out == 0 || inp == 0 || inp % GGML_BLOCK != 0 {
+    let span = grid.span_len();
+    let g = grid.group_len();
+    if out == 0 || inp == 0 || inp % span != 0 {
         return Err(GridError::Shape {
             what: format!("tensor `{name}`"),
             detail: format!(
-                "[{out}, {inp}]: ggml blocks need a non-empty matrix with a multiple of 32 columns"
+                "[{out}, {inp}]: ggml {} blocks need a non-empty matrix with a multiple of {span} columns",
+                grid.ggml_name()
             ),
         });
     }
@@ -470,27 +714,31 @@ pub fn quantize_ggml_weighted(
             });
         }
     }
-    let nb = inp / GGML_BLOCK;
+    let nb = inp / g;
+    let per_span = span / g;
     let mut codes = ndarray::Array2::<u8>::zeros((out, inp));
     let mut scales = ndarray::Array2::<f32>::zeros((out, nb));
     let mut zeros = ndarray::Array2::<f32>::zeros((out, nb));
+    let mut ps = vec![GroupParams::scale_only(0.0); per_span];
     for r in 0..out {
         let row: Vec<f32> = w.row(r).to_vec();
-        for b in 0..nb {
-            let x = &row[b * GGML_BLOCK..(b + 1) * GGML_BLOCK];
-            let imp = importance.map(|i| &i[b * GGML_BLOCK..(b + 1) * GGML_BLOCK]);
-            let p = grid.fit_weighted(x, imp);
-            scales[[r, b]] = p.scale;
-            zeros[[r, b]] = p.zero;
+        for sp in 0..inp / span {
+            let x = &row[sp * span..(sp + 1) * span];
+            let imp = importance.map(|i| &i[sp * span..(sp + 1) * span]);
+            grid.fit_groups(x, imp, g, &mut ps);
             for (j, &v) in x.iter().enumerate() {
-                codes[[r, b * GGML_BLOCK + j]] = grid.encode(v, p);
+                let b = sp * per_span + j / g;
+                let p = ps[j / g];
+                scales[[r, b]] = p.scale;
+                zeros[[r, b]] = p.zero;
+                codes[[r, sp * span + j]] = grid.encode(v, p);
             }
         }
     }
-    let g_idx = (0..inp).map(|k| (k / GGML_BLOCK) as u32).collect();
+    let g_idx = (0..inp).map(|k| (k / g) as u32).collect();
     crate::QuantizedLinear::from_parts(
         FormatSpec::Ggml(grid),
-        Granularity::Group(GGML_BLOCK),
+        Granularity::Group(g),
         codes,
         scales,
         zeros,

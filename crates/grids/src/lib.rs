@@ -12,6 +12,7 @@
 //! * [`fp8`]: FP8 E4M3 and E5M2 with a per-tensor or per-channel scale;
 //! * [`int8`]: absmax int8 (LLM.int8's `SCB`) and the LLM.int8() mixed-precision product;
 //! * [`ggml`]: ggml's legacy 32-weight blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 ([`GgmlGrid`]);
+//! * [`ggml_k`]: ggml's K super-blocks Q2_K .. Q6_K (a 256-column fit span of sub-block groups);
 //!
 //! and the hand-off type [`QuantizedLinear`] that solvers produce, models run and checkpoint
 //! formats pack, with exact bits-per-weight accounting ([`BitsAccounting`]). A format is
@@ -32,6 +33,7 @@ mod error;
 pub mod format;
 pub mod fp8;
 pub mod ggml;
+pub mod ggml_k;
 pub mod int8;
 pub mod quantized;
 pub mod uniform;
@@ -39,7 +41,7 @@ pub mod uniform;
 pub use codebook::{Codebook, FP4_CODE, NF4_CODE};
 pub use double_quant::{DoubleQuant, NestedScales};
 pub use error::{check_finite, GridError, Result};
-pub use format::{Format, Granularity, GroupParams};
+pub use format::{FitSpan, Format, Granularity, GroupParams};
 pub use fp8::{Fp8Format, Fp8Kind};
 pub use ggml::GgmlGrid;
 pub use int8::Int8Absmax;

@@ -28,8 +28,10 @@ pub enum FormatSpec {
     Fp8(Fp8Kind),
     /// LLM.int8() absmax int8, `SCB` per row with `Granularity::PerChannel` ([`Int8Absmax`]).
     Int8,
-    /// A ggml legacy block format (Q4_0 .. Q8_0) with `Granularity::Group(32)`: each group
-    /// is one ggml block, its parameters the block's f16 `d` (and `m`) ([`GgmlGrid`]).
+    /// A ggml block format with `Granularity::Group(grid.group_len())`: legacy (Q4_0 ..
+    /// Q8_0) each group is one ggml block, its parameters the block's f16 `d` (and `m`); K
+    /// types (Q2_K .. Q6_K) each group is a sub-block of a 256-weight super-block fitted at
+    /// once ([`GgmlGrid`], [`crate::ggml_k`]).
     Ggml(GgmlGrid),
 }
 
@@ -357,6 +359,7 @@ pub fn quantize_rtn(
     crate::error::check_finite_iter(name, w.iter().copied())?;
     granularity.check(name, inp)?;
     let f = spec.build();
+    let span = crate::format::fit_span_len(f.as_ref(), granularity, name, inp)?;
     let g = granularity.group_len(inp);
     let n_groups = granularity.n_groups(inp);
     let tensor_params = match granularity {
@@ -369,10 +372,24 @@ pub fn quantize_rtn(
             let row = w.row(r).to_vec();
             let mut codes = Vec::with_capacity(inp);
             let mut params = Vec::with_capacity(n_groups);
-            for slab in row.chunks(g) {
-                let p = tensor_params.unwrap_or_else(|| f.fit(slab));
-                params.push(p);
-                codes.extend(slab.iter().map(|&x| f.encode(x, p)));
+            if span != g {
+                // groups fitted together (ggml K super-blocks): one fit per span
+                let mut ps = vec![GroupParams::scale_only(0.0); span / g];
+                for slab in row.chunks(span) {
+                    f.fit_groups(slab, None, g, &mut ps);
+                    params.extend_from_slice(&ps);
+                    codes.extend(
+                        slab.iter()
+                            .enumerate()
+                            .map(|(j, &x)| f.encode(x, ps[j / g])),
+                    );
+                }
+            } else {
+                for slab in row.chunks(g) {
+                    let p = tensor_params.unwrap_or_else(|| f.fit(slab));
+                    params.push(p);
+                    codes.extend(slab.iter().map(|&x| f.encode(x, p)));
+                }
             }
             (codes, params)
         })

@@ -1,4 +1,4 @@
-//! Where the weights come from: GGUF files (any ggml type candle dequantizes) and
+//! Where the weights come from: GGUF files (any ggml type candle dequantizes, plus IQ4_NL) and
 //! safetensors files (single or sharded), both memory-mapped and read tensor by tensor,
 //! always handed out as f32 tensors under Hugging Face names and in Hugging Face layout.
 //!
@@ -58,6 +58,95 @@ pub struct GgufWeights {
     unpermute: bool,
     n_head: usize,
     n_kv_head: usize,
+    /// Tensors stored as IQ4_NL (ggml type 20), which candle 0.11 does not know: their type
+    /// is read as Q4_0 (same 18-byte blocks of 32) and they are dequantized here.
+    iq4_nl: std::collections::HashSet<String>,
+}
+
+/// The 16 levels of ggml's IQ4_NL (`kvalues_iq4nl`, as the `gguf` package lists them).
+const IQ4_NL_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The GGUF header (up to the end of the tensor infos) with every IQ4_NL tensor type (20)
+/// rewritten as Q4_0 (2), and the names of those tensors; `None` when the file has no IQ4_NL
+/// tensor or the header does not parse (candle then reports the problem).
+fn header_without_iq4_nl(b: &[u8]) -> Option<(Vec<u8>, std::collections::HashSet<String>)> {
+    struct R<'a> {
+        b: &'a [u8],
+        at: usize,
+    }
+    impl R<'_> {
+        fn take(&mut self, n: usize) -> Option<&[u8]> {
+            let end = self.at.checked_add(n).filter(|&e| e <= self.b.len())?;
+            let s = &self.b[self.at..end];
+            self.at = end;
+            Some(s)
+        }
+        fn u32(&mut self) -> Option<u32> {
+            Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+        }
+        fn u64(&mut self) -> Option<u64> {
+            Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+        }
+        fn string(&mut self) -> Option<String> {
+            let n = usize::try_from(self.u64()?).ok()?;
+            Some(String::from_utf8_lossy(self.take(n)?).into_owned())
+        }
+        fn value(&mut self, ty: u32, depth: usize) -> Option<()> {
+            let size = match ty {
+                0 | 1 | 7 => 1,
+                2 | 3 => 2,
+                4..=6 => 4,
+                10..=12 => 8,
+                8 => return self.string().map(|_| ()),
+                9 if depth < 4 => {
+                    let et = self.u32()?;
+                    let n = self.u64()?;
+                    if n > self.b.len() as u64 {
+                        return None;
+                    }
+                    for _ in 0..n {
+                        self.value(et, depth + 1)?;
+                    }
+                    return Some(());
+                }
+                _ => return None,
+            };
+            self.take(size).map(|_| ())
+        }
+    }
+    let mut r = R { b, at: 0 };
+    if r.take(4)? != b"GGUF" || !matches!(r.u32()?, 2 | 3) {
+        return None;
+    }
+    let (nt, nkv) = (r.u64()?, r.u64()?);
+    for _ in 0..nkv {
+        r.string()?;
+        let ty = r.u32()?;
+        r.value(ty, 0)?;
+    }
+    let mut patches = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..nt {
+        let name = r.string()?;
+        let nd = r.u32()? as usize;
+        r.take(nd.checked_mul(8)?)?;
+        let at = r.at;
+        if r.u32()? == 20 {
+            patches.push(at);
+            names.insert(name);
+        }
+        r.u64()?;
+    }
+    if patches.is_empty() {
+        return None;
+    }
+    let mut h = b[..r.at].to_vec();
+    for at in patches {
+        h[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
+    }
+    Some((h, names))
 }
 
 impl std::fmt::Debug for GgufWeights {
@@ -112,18 +201,25 @@ impl GgufWeights {
         };
         // candle 0.11's reader panics on some hostile headers (it divides by a
         // `general.alignment` of 0; docs/fuzzing.md): contain that as an error.
-        let content = std::panic::catch_unwind(|| Content::read(&mut Cursor::new(&mmap[..])))
-            .map_err(|p| {
-                let what = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                gguf_err(format!(
-                    "malformed header (candle's GGUF reader panicked: {what})"
-                ))
-            })?
-            .map_err(|e| gguf_err(e.to_string()))?;
+        let (patched, iq4_nl) = match header_without_iq4_nl(&mmap) {
+            Some((h, names)) => (Some(h), names),
+            None => (None, Default::default()),
+        };
+        let content = std::panic::catch_unwind(|| match &patched {
+            Some(h) => Content::read(&mut Cursor::new(&h[..])),
+            None => Content::read(&mut Cursor::new(&mmap[..])),
+        })
+        .map_err(|p| {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            gguf_err(format!(
+                "malformed header (candle's GGUF reader panicked: {what})"
+            ))
+        })?
+        .map_err(|e| gguf_err(e.to_string()))?;
         let mut names = BTreeMap::new();
         for gguf in content.tensor_infos.keys() {
             if let Some(hf) = gguf_to_hf_name(gguf) {
@@ -150,6 +246,7 @@ impl GgufWeights {
             names,
             n_head,
             n_kv_head,
+            iq4_nl,
         })
     }
 
@@ -172,7 +269,8 @@ impl GgufWeights {
         Ok(cfg)
     }
 
-    /// The ggml type a tensor is stored in (by Hugging Face name).
+    /// The ggml type a tensor is stored in (by Hugging Face name); IQ4_NL tensors (unknown to
+    /// candle) report `Q4_0`, whose blocks have the same size.
     pub fn ggml_dtype(&self, name: &str) -> Option<GgmlDType> {
         let g = self.names.get(name)?;
         self.content.tensor_infos.get(g).map(|t| t.ggml_dtype)
@@ -229,6 +327,19 @@ impl GgufWeights {
                 ))
             })?;
         let raw = &self.mmap[start..end];
+        if self.iq4_nl.contains(gguf_name) {
+            // ggml's f32 expression: d * kvalues[q], nibbles as Q4_0
+            let mut v = Vec::with_capacity(elems);
+            for blk in raw.chunks_exact(18) {
+                let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                let qs = &blk[2..];
+                v.extend((0..32).map(|j| {
+                    let q = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+                    d * IQ4_NL_LEVELS[q as usize] as f32
+                }));
+            }
+            return Ok(Tensor::from_vec(v, dims, &Device::Cpu)?);
+        }
         // The block structs need at most 4-byte alignment; a well-formed file aligns data
         // to 32 bytes, a malformed one gets copied to an aligned buffer.
         let q = if (raw.as_ptr() as usize) % 8 == 0 {

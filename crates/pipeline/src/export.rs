@@ -14,10 +14,12 @@
 //! ggml grid, [`quantlab_grids::GgmlGrid`], groups of 32, so GPTQ's error feedback places the
 //! weights on exactly the block values written; `rtn` fits each block's scale with the
 //! importance matrix `diag(X^T X)` from the same capture, as llama.cpp's imatrix does);
-//! `q2_k` .. `q6_k` (linears whose rows are a multiple of 256 are written as K blocks by the
-//! reference K quantizer at export, from the float weights: GPTQ on the K grid is not
-//! implemented; shorter rows fall back as llama.cpp does, see [`k_fallback`]); `f32`, `f16`
-//! (nothing quantized). Embeddings and `output.weight` follow llama.cpp's quantizer
+//! `q2_k` .. `q6_k` (linears whose rows are a multiple of 256 are quantized ON the K grid,
+//! [`quantlab_grids::ggml_k`]: each 256-column super-block's f16 `d`, `dmin` and sub-block
+//! scales are fitted when GPTQ's sweep reaches it (or up front with static groups; `rtn`
+//! with the imatrix), and the codes and parameters are written as they are; shorter rows
+//! fall back as llama.cpp does, see [`k_fallback`]); `f32`, `f16` (nothing quantized).
+//! Embeddings and `output.weight` follow llama.cpp's quantizer
 //! ([`llama_cpp_embedding_type`]); norms and biases are F32.
 
 use std::collections::BTreeMap;
@@ -39,7 +41,7 @@ use quantlab_grids::{FormatSpec, GgmlGrid, Granularity};
 use quantlab_models::{LlamaConfig, LlamaModel, LlamaTokenizer, MemoryWeights};
 use serde_json::{json, Value};
 
-use crate::config::{matches, Method, Plan, QuantizeConfig};
+use crate::config::{Method, Plan, QuantizeConfig};
 use crate::driver::{to_array, QuantizedLayer};
 use crate::source::SourceKind;
 use crate::{PipelineError, Result};
@@ -103,13 +105,12 @@ pub fn is_k_type(ty: GgmlType) -> bool {
     )
 }
 
-/// The legacy type llama.cpp writes instead of a K type for rows that are not a multiple of
-/// 256 (`llama_tensor_get_type`): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; Q2_K and Q3_K go
-/// to IQ4_NL there, which this writer does not implement: Q4_0 (the same 4.5 bits per weight)
-/// instead. Other types are returned unchanged.
+/// The type llama.cpp writes instead of a K type for rows that are not a multiple of 256
+/// (`llama_tensor_get_type`): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K and Q3_K ->
+/// IQ4_NL (4.5 bits per weight, 16 non-uniform levels). Other types are returned unchanged.
 pub fn k_fallback(ty: GgmlType) -> GgmlType {
     match ty {
-        GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
+        GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::IQ4_NL,
         GgmlType::Q4_K => GgmlType::Q5_0,
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,
@@ -126,14 +127,20 @@ pub fn type_for_row(ty: GgmlType, nx: usize) -> GgmlType {
     }
 }
 
-/// The ggml grid of a legacy type.
+/// The ggml grid of a block type (legacy or K).
 pub fn grid_of(ty: GgmlType) -> Option<GgmlGrid> {
     Some(match ty {
+        GgmlType::Q2_K => GgmlGrid::Q2_K,
+        GgmlType::Q3_K => GgmlGrid::Q3_K,
+        GgmlType::Q4_K => GgmlGrid::Q4_K,
+        GgmlType::Q5_K => GgmlGrid::Q5_K,
+        GgmlType::Q6_K => GgmlGrid::Q6_K,
         GgmlType::Q4_0 => GgmlGrid::Q4_0,
         GgmlType::Q4_1 => GgmlGrid::Q4_1,
         GgmlType::Q5_0 => GgmlGrid::Q5_0,
         GgmlType::Q5_1 => GgmlGrid::Q5_1,
         GgmlType::Q8_0 => GgmlGrid::Q8_0,
+        GgmlType::IQ4_NL => GgmlGrid::IQ4_NL,
         _ => return None,
     })
 }
@@ -371,8 +378,9 @@ impl ExportFormat {
 }
 
 /// Fixes the plan for the format (after the method's defaults): per-layer GGUF grids (K
-/// types: the fallback grid for short rows, export-time K quantization for rows that are
-/// multiples of 256), and the shape checks the format needs, each naming the linear.
+/// types: the K grid with groups of its sub-blocks for rows that are multiples of 256, the
+/// fallback grid for shorter rows), and the shape checks the format needs, each naming the
+/// linear.
 pub fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
     let f = c.format;
     let fname = f.name();
@@ -424,20 +432,17 @@ pub fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
                         format!("has rows of {inp} values: ggml blocks need a multiple of 32"),
                     );
                 }
-                match grid_of(lt) {
-                    Some(g) => {
-                        lp.spec = FormatSpec::Ggml(g);
-                        lp.granularity = Granularity::Group(32);
-                        lp.group_size = 32;
-                        lp.bits = quantlab_grids::Format::code_bits(&g);
-                        lp.sym = true;
-                    }
-                    None => {
-                        // a K type on whole super-blocks: quantized at export
-                        lp.skip = true;
-                        k_layers += 1;
-                    }
+                let Some(g) = grid_of(lt) else {
+                    return bad(&lp.name, format!("cannot be quantized to {}", lt.name()));
+                };
+                if g.is_k() {
+                    k_layers += 1;
                 }
+                lp.spec = FormatSpec::Ggml(g);
+                lp.granularity = Granularity::Group(g.group_len());
+                lp.group_size = g.group_len() as i64;
+                lp.bits = quantlab_grids::Format::code_bits(&g);
+                lp.sym = true;
             }
         }
     }
@@ -450,10 +455,10 @@ pub fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
         } else if is_k_type(t) {
             let fb = k_fallback(t);
             plan.notes.push(format!(
-                "{fname}: linears whose rows are not a multiple of 256 are quantized on the {} grid (llama.cpp's fallback{}); {k_layers} linears with rows of whole 256-blocks are written as {} by the reference K quantizer from their float weights at export (GPTQ on the K grid is not implemented)",
+                "{fname}: {k_layers} linears with rows of whole 256-blocks are quantized on the {} grid (each super-block's d, dmin and sub-block scales fitted together, {} method), the others on the {} grid (llama.cpp's fallback)",
+                t.name(),
+                c.method,
                 fb.name(),
-                if matches!(t, GgmlType::Q2_K | GgmlType::Q3_K) { ", which is IQ4_NL in llama.cpp" } else { "" },
-                t.name()
             ));
         }
         if c.method == Method::Rtn && t.is_quantized() {
@@ -461,17 +466,6 @@ pub fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Whether the linear `name` of a K-type GGUF export is written by the K quantizer at export
-/// (skipped by the driver for that reason, not by `--skip`).
-fn k_at_export(c: &QuantizeConfig, name: &str, inp: usize) -> bool {
-    match c.format {
-        ExportFormat::Gguf(t) => {
-            is_k_type(t) && inp % 256 == 0 && !c.skip.iter().any(|p| matches(p, name))
-        }
-        _ => false,
-    }
 }
 
 /// Everything [`write_export`] needs from a run.
@@ -684,7 +678,6 @@ fn write_hf_export(out: &Path, inp: &ExportInputs<'_>, f: ExportFormat) -> Resul
 }
 
 fn write_gguf_export(out: &Path, inp: &ExportInputs<'_>, t: GgmlType) -> Result<()> {
-    let c = inp.config;
     let mc = inp.model.config();
     let float_ty = if t == GgmlType::F16 {
         GgmlType::F16
@@ -698,12 +691,7 @@ fn write_gguf_export(out: &Path, inp: &ExportInputs<'_>, t: GgmlType) -> Result<
             Some(q) => GgufTensor::from_quantized(&wname, q).map_err(ck)?,
             None => {
                 let w = float_weight(inp, l)?;
-                let ty = if k_at_export(c, &l.name, w.ncols()) {
-                    t
-                } else {
-                    float_ty
-                };
-                quantize_tensor(&wname, w.view(), ty).map_err(ck)?
+                quantize_tensor(&wname, w.view(), float_ty).map_err(ck)?
             }
         };
         tensors.push((wname, gt));

@@ -270,15 +270,62 @@ fn gguf_legacy_types_equal_the_in_memory_model_and_the_gguf_package() {
 #[test]
 fn gguf_k_types_fall_back_on_short_rows_and_write_k_blocks_on_whole_super_blocks() {
     let f = fixture("gguf-k", 2);
-    for (fmt, fallback, ftype) in [
-        ("gguf:q4_k", GgmlType::Q5_0, 14u32),
-        ("gguf:q6_k", GgmlType::Q8_0, 18),
-        ("gguf:q2_k", GgmlType::Q4_0, 10),
-        ("gguf:q3_k", GgmlType::Q4_0, 11),
-        ("gguf:q5_k", GgmlType::Q5_1, 16),
+    let ao = |m: Method, fmt: &str| QuantizeConfig {
+        act_order: true,
+        static_groups: true,
+        ..cfg(m, fmt)
+    };
+    for (fmt, fallback, ftype, c) in [
+        (
+            "gguf:q4_k",
+            GgmlType::Q5_0,
+            14u32,
+            cfg(Method::Gptq, "gguf:q4_k"),
+        ),
+        (
+            "gguf:q6_k",
+            GgmlType::Q8_0,
+            18,
+            cfg(Method::Gptq, "gguf:q6_k"),
+        ),
+        (
+            "gguf:q2_k",
+            GgmlType::IQ4_NL,
+            10,
+            cfg(Method::Gptq, "gguf:q2_k"),
+        ),
+        (
+            "gguf:q3_k",
+            GgmlType::IQ4_NL,
+            11,
+            cfg(Method::Rtn, "gguf:q3_k"),
+        ),
+        (
+            "gguf:q5_k",
+            GgmlType::Q5_1,
+            16,
+            cfg(Method::Gptq, "gguf:q5_k"),
+        ),
+        (
+            "gguf:q4_k",
+            GgmlType::Q5_0,
+            14,
+            ao(Method::Gptq, "gguf:q4_k"),
+        ),
+        (
+            "gguf:q6_k",
+            GgmlType::Q8_0,
+            18,
+            cfg(Method::Rtn, "gguf:q6_k"),
+        ),
     ] {
-        let out = f.root.join(format!("{}.gguf", &fmt[5..]));
-        let r = run_ok(&job(&f, &f.model, &out, cfg(Method::Gptq, fmt)));
+        let out = f.root.join(format!(
+            "{}-{}{}.gguf",
+            &fmt[5..],
+            c.method,
+            if c.act_order { "-ao" } else { "" }
+        ));
+        let r = run_ok(&job(&f, &f.model, &out, c.clone()));
         let ty = ExportFormat::parse(fmt).unwrap().gguf_type().unwrap();
         for l in 0..2 {
             for t in [
@@ -305,8 +352,21 @@ fn gguf_k_types_fall_back_on_short_rows_and_write_k_blocks_on_whole_super_blocks
         assert_eq!(tensor_type(&out, "token_embd.weight"), fallback);
         assert_eq!(tensor_type(&out, "output.weight"), GgmlType::Q8_0);
         assert!(r.notes.iter().any(|n| n.contains("256")), "{:?}", r.notes);
+        // every block linear, the K ones included, is exactly the driver's quantized linear
+        // (GPTQ or imatrix RTN on the K grid, written without re-quantization)
+        assert_blocks_equal_driver(&f.model, &out, &c);
+        let layers = r.layers.iter().filter(|l| l.name.contains("down_proj"));
+        for l in layers {
+            assert!(!l.skipped, "{fmt}: {} is quantized by the driver", l.name);
+        }
         let back = ppl_of(&f, &out);
         assert!(back.is_finite() && rel(back, r.ppl_before.unwrap()) < 0.5);
+        // the embeddings are quantized at export as llama.cpp does; the rest is the driver's
+        let after = r.ppl_after.unwrap();
+        assert!(
+            rel(back, after) < 0.05,
+            "{fmt}: file ppl {back} vs in-memory {after}"
+        );
         if let Some(fields) = check_with_gguf_package(&out) {
             assert_eq!(fields["general.file_type"], ftype, "{fmt}");
         }

@@ -38,6 +38,14 @@
 //! `W`, which equals [`gptq_reference`] for every block size); static groups = parameters of
 //! every group fitted from the original `W` (after zeroing dead columns) before any update.
 //!
+//! Formats whose groups are fitted together ([`Format::fit_span`]: ggml's K super-blocks of
+//! 256 columns, whose sub-block scales share one f16 `d`) are fitted one span at a time: when
+//! the sweep reaches a span's first column, the parameters of all its groups are fitted
+//! together ([`Format::fit_groups`]) from the same `W` a group would be fitted from (with
+//! static groups: from the original `W`, before the sweep); then each column is rounded to
+//! its group's levels as usual. Such formats need groups of their sub-block length and rows
+//! of whole spans (an error otherwise).
+//!
 //! Groups of `g` columns need not divide `in`: as in the reference and every GPTQ checkpoint
 //! there are `ceil(in / g)` groups, the last one `in - (G - 1) g` columns wide; group `gi`
 //! holds the quantization positions `p` with `p / g == gi`, so with act-order
@@ -117,6 +125,9 @@ pub(crate) struct Prep {
     pub natural: bool,
     /// group length in columns, number of groups per row.
     pub g: usize,
+    /// Columns whose groups are fitted together ([`Format::fit_span`]; `g` for formats that
+    /// fit each group alone, 256 for ggml's K super-blocks).
+    pub span: usize,
     #[allow(dead_code)]
     pub n_groups: usize,
     /// Group index (column of `scales`) used by each position.
@@ -157,6 +168,7 @@ pub(crate) fn prepare(
     check_finite_view("weight", W)?;
     check_finite_view("hessian", H)?;
     granularity.check("weight", n)?;
+    let span = quantlab_grids::format::fit_span_len(format, granularity, "weight", n)?;
     if !(damp_percent >= 0.0 && damp_percent.is_finite()) {
         return Err(SolverError::InvalidOption {
             option: "damp_percent".into(),
@@ -240,6 +252,19 @@ pub(crate) fn prepare(
                     put(r, 0, p);
                 }
             }
+            _ if span != g => {
+                // groups fitted together (ggml K super-blocks): one fit per span of columns
+                let mut ps = vec![GroupParams::scale_only(0.0); span / g];
+                for r in 0..out {
+                    for s0 in (0..n).step_by(span) {
+                        let slab: Vec<f32> = (s0..s0 + span).map(|k| W0[[r, k]]).collect();
+                        format.fit_groups(&slab, None, g, &mut ps);
+                        for (j, &p) in ps.iter().enumerate() {
+                            put(r, s0 / g + j, p);
+                        }
+                    }
+                }
+            }
             _ => {
                 for r in 0..out {
                     for gi in 0..n_groups {
@@ -260,6 +285,7 @@ pub(crate) fn prepare(
         perm,
         natural,
         g,
+        span,
         n_groups,
         group_of_pos,
         g_idx,
@@ -400,8 +426,20 @@ pub fn gptq_reference(
     let mut codesT = vec![0u8; n * out];
     let mut qT = vec![0f32; n * out];
     let mut loss = 0.0f64;
+    let mut ps = vec![GroupParams::scale_only(0.0); prep.span / prep.g];
     for p in 0..n {
-        if prep.dynamic_groups && p % prep.g == 0 {
+        if prep.dynamic_groups && prep.span != prep.g && p % prep.span == 0 {
+            // fit the groups of the span [p, p + span) together (ggml K super-blocks) on the
+            // current (fully updated) W
+            for r in 0..out {
+                let slab: Vec<f32> = (p..p + prep.span).map(|c| Wp[[r, c]] as f32).collect();
+                format.fit_groups(&slab, None, prep.g, &mut ps);
+                for (j, gp) in ps.iter().enumerate() {
+                    scales[[r, p / prep.g + j]] = gp.scale;
+                    zeros[[r, p / prep.g + j]] = gp.zero;
+                }
+            }
+        } else if prep.dynamic_groups && prep.span == prep.g && p % prep.g == 0 {
             // fit the group [p, min(p + g, n)) on the current (fully updated) W; the last
             // group is short when g does not divide n
             let end = (p + prep.g).min(n);
@@ -595,6 +633,7 @@ pub fn gptq_with_format(
     let chunk = out.div_ceil(n_chunks(par, out));
     let bs = params.block_size;
     let g = prep.g;
+    let span = prep.span;
     let quirk = params.group_params_from_outer_w;
 
     let mut i1 = 0;
@@ -644,16 +683,18 @@ pub fn gptq_with_format(
                 // the rows' group slabs, TILE rows at a time (row-major, g per row): read
                 // column by column (contiguous over rows) instead of row by row (a cache
                 // miss per weight)
-                let mut tile = vec![0f32; if prep.dynamic_groups { TILE * g } else { 0 }];
+                let mut tile = vec![0f32; if prep.dynamic_groups { TILE * span } else { 0 }];
+                let mut ps = vec![GroupParams::scale_only(0.0); span / g];
                 for i in 0..B {
                     let p = i1 + i;
                     // sub-block [s1, s2) of the block holding column i
                     let s1 = i - i % INNER;
                     let s2 = (s1 + INNER).min(B);
-                    if prep.dynamic_groups && p % g == 0 {
+                    if prep.dynamic_groups && p % span == 0 {
                         let gi = p / g;
-                        // the last group is short when g does not divide n
-                        let end = (p + g).min(n);
+                        // the last group is short when g does not divide n; a span of
+                        // groups fitted together (K super-blocks) is whole
+                        let end = (p + span).min(n);
                         let len = end - p;
                         // the value of column c, local row lr, that the group is fitted on
                         let value = |c: usize, lr: usize| -> f32 {
@@ -687,9 +728,18 @@ pub fn gptq_with_format(
                                 }
                             }
                             for lr in t0..t1 {
-                                let gp = format.fit(&tile[(lr - t0) * len..(lr - t0 + 1) * len]);
-                                sc[[lr, gi]] = gp.scale;
-                                ze[[lr, gi]] = gp.zero;
+                                let slab = &tile[(lr - t0) * len..(lr - t0 + 1) * len];
+                                if span == g {
+                                    let gp = format.fit(slab);
+                                    sc[[lr, gi]] = gp.scale;
+                                    ze[[lr, gi]] = gp.zero;
+                                } else {
+                                    format.fit_groups(slab, None, g, &mut ps);
+                                    for (j, gp) in ps.iter().enumerate() {
+                                        sc[[lr, gi + j]] = gp.scale;
+                                        ze[[lr, gi + j]] = gp.zero;
+                                    }
+                                }
                             }
                         }
                     }

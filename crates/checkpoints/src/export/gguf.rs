@@ -44,13 +44,14 @@
 use super::{invalid, io_at, write_atomic};
 use crate::gguf::{GgmlType, GgufArray, GgufFile, GgufValue};
 use crate::pack::gguf_blocks::{
-    self, to_bytes, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0,
+    self, to_bytes, BlockIQ4_NL, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0,
 };
 use crate::pack::pack_err;
 use crate::{CheckpointError, Result};
 use half::{bf16, f16};
 use ndarray::ArrayView2;
-use quantlab_grids::{FormatSpec, GgmlGrid, Granularity, QuantizedLinear};
+use quantlab_grids::ggml_k::{KSuperParams, QK_K};
+use quantlab_grids::{FormatSpec, GgmlGrid, Granularity, GroupParams, QuantizedLinear};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -138,6 +139,12 @@ pub fn grid_type(g: GgmlGrid) -> GgmlType {
         GgmlGrid::Q5_0 => GgmlType::Q5_0,
         GgmlGrid::Q5_1 => GgmlType::Q5_1,
         GgmlGrid::Q8_0 => GgmlType::Q8_0,
+        GgmlGrid::Q2_K => GgmlType::Q2_K,
+        GgmlGrid::Q3_K => GgmlType::Q3_K,
+        GgmlGrid::Q4_K => GgmlType::Q4_K,
+        GgmlGrid::Q5_K => GgmlType::Q5_K,
+        GgmlGrid::Q6_K => GgmlType::Q6_K,
+        GgmlGrid::IQ4_NL => GgmlType::IQ4_NL,
     }
 }
 
@@ -174,6 +181,9 @@ pub fn blocks_from_quantized(name: &str, q: &QuantizedLinear, ty: GgmlType) -> R
         }
     };
     let (out, inp) = q.shape();
+    if grid.is_k() {
+        return k_blocks_from_quantized(name, &label, q, grid);
+    }
     if q.granularity != Granularity::Group(32) || inp % 32 != 0 {
         return Err(pack_err(
             &label,
@@ -209,12 +219,13 @@ pub fn blocks_from_quantized(name: &str, q: &QuantizedLinear, ty: GgmlType) -> R
                 .to_le_bytes();
             let bytes = match grid {
                 GgmlGrid::Q4_0 => to_bytes(&[BlockQ4_0 { d, qs }]),
+                GgmlGrid::IQ4_NL => to_bytes(&[BlockIQ4_NL { d, qs }]),
                 GgmlGrid::Q5_0 => to_bytes(&[BlockQ5_0 { d, qh, qs }]),
                 GgmlGrid::Q8_0 => to_bytes(&[BlockQ8_0 {
                     d,
                     qs: std::array::from_fn(|j| codes[j] as i8),
                 }]),
-                GgmlGrid::Q4_1 | GgmlGrid::Q5_1 => {
+                _ => {
                     let m = exact_f16(name, &label, "minimum", q.zeros[[r, b]])?;
                     if grid == GgmlGrid::Q4_1 {
                         to_bytes(&[BlockQ4_1 { d, m, qs }])
@@ -227,6 +238,68 @@ pub fn blocks_from_quantized(name: &str, q: &QuantizedLinear, ty: GgmlType) -> R
         }
     }
     Ok(out_bytes)
+}
+
+/// [`blocks_from_quantized`] for a K grid: each 256-column super-block of a row becomes one
+/// K block; its f16 `d` (and `dmin`) and integer sub-block scales (and mins) are recovered
+/// exactly from the sub-blocks' parameters ([`KSuperParams::factor`]).
+fn k_blocks_from_quantized(
+    name: &str,
+    label: &str,
+    q: &QuantizedLinear,
+    grid: GgmlGrid,
+) -> Result<Vec<u8>> {
+    let (out, inp) = q.shape();
+    let g = grid.group_len();
+    if q.granularity != Granularity::Group(g) || inp % QK_K != 0 {
+        return Err(pack_err(
+            label,
+            name,
+            format!(
+                "granularity {:?} with {inp} columns: {} blocks need Group({g}) and a multiple of {QK_K} columns",
+                q.granularity,
+                grid.ggml_name()
+            ),
+        ));
+    }
+    if q.g_idx
+        .iter()
+        .enumerate()
+        .any(|(k, &gi)| gi as usize != k / g)
+    {
+        return Err(pack_err(
+            label,
+            name,
+            "act-order g_idx: K super-blocks are consecutive runs of 256 columns (use static groups)",
+        ));
+    }
+    let per = QK_K / g;
+    let mut bytes = Vec::with_capacity(out * inp / QK_K * grid_type(grid).type_size() as usize);
+    let mut params = vec![GroupParams::scale_only(0.0); per];
+    for r in 0..out {
+        for b in 0..inp / QK_K {
+            for (j, p) in params.iter_mut().enumerate() {
+                *p = GroupParams {
+                    scale: q.scales[[r, b * per + j]],
+                    zero: q.zeros[[r, b * per + j]],
+                };
+            }
+            let sp = KSuperParams::factor(grid, &params).ok_or_else(|| {
+                pack_err(
+                    label,
+                    name,
+                    format!(
+                        "row {r}, super-block {b}: the sub-block parameters are not one f16 scale times {} integers (fit them with GgmlGrid::{} over whole super-blocks)",
+                        grid.ggml_name(),
+                        grid.ggml_name()
+                    ),
+                )
+            })?;
+            let codes: [u8; QK_K] = std::array::from_fn(|e| q.codes[[r, b * QK_K + e]]);
+            bytes.extend_from_slice(&gguf_blocks::k_block_bytes(grid, &sp, &codes));
+        }
+    }
+    Ok(bytes)
 }
 
 /// Round-to-nearest of a dense `[rows, cols]` tensor into `ty` with ggml's reference
@@ -284,7 +357,7 @@ pub fn quantize_tensor_weighted(
                 pack_err(
                     format!("GGUF {ty}"),
                     name,
-                    "no quantizer for this type (use F32, F16, BF16, Q4_0..Q8_0 or Q2_K..Q6_K)",
+                    "no quantizer for this type (use F32, F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K or IQ4_NL)",
                 )
             })?;
             if cols % bt.block_size() != 0 {
@@ -407,6 +480,7 @@ pub fn file_type_of(ty: GgmlType) -> Option<u32> {
         GgmlType::Q8_0 => 7,
         GgmlType::Q5_0 => 8,
         GgmlType::Q5_1 => 9,
+        GgmlType::IQ4_NL => 25,
         GgmlType::Q2_K => 10,
         GgmlType::Q3_K => 11,
         GgmlType::Q4_K => 14,

@@ -1,4 +1,5 @@
-//! The ggml block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K.
+//! The ggml block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and
+//! IQ4_NL.
 //!
 //! A format is a type: each block is a `#[repr(C)]` struct whose size is checked at compile
 //! time against ggml's type size, and [`GgufBlock`] carries the constants (weights per block
@@ -24,19 +25,22 @@
 //!   (half away from zero). All products use `1 / d` computed in f32 from the unrounded `d`;
 //!   `d` and `m` are then stored as f16 (round to nearest even).
 //! * K-quants (our own search; ggml's exact search is not reproduced, the bytes differ from
-//!   llama.cpp's but decode with the exact layout): each sub-block (32 weights for Q4_K /
-//!   Q5_K, 16 for Q2_K / Q3_K / Q6_K) gets a scale (and for the affine types a min) from
-//!   [`fit_affine`] or [`fit_symmetric`]: 21 candidate steps around the full-range step,
-//!   codes rounded to nearest, then the weighted least-squares scale (and offset) for those
-//!   codes, keeping the candidate of least `sum_i w_i (x_i - y_i)^2`. The sub-block scales
-//!   (and mins) are then quantized to 6 bits (4 bits for Q2_K, signed 8 bits for Q6_K,
-//!   signed 6 bits for Q3_K) against an f16 super-block scale `d = max / 63` (`/ 15`,
-//!   `/ 127`, `/ 31`), and finally every code is re-rounded to nearest under the stored
-//!   (quantized) parameters.
+//!   llama.cpp's but decode with the exact layout): the reference fit of the K grids,
+//!   [`quantlab_grids::ggml_k::fit_superblock`] (one function for this quantizer, the RTN of
+//!   the grid and GPTQ on it): each sub-block (32 weights for Q4_K / Q5_K, 16 for Q2_K /
+//!   Q3_K / Q6_K) gets a scale (and for the affine types a min) from [`fit_affine`] or
+//!   [`fit_symmetric`]: 21 candidate steps around the full-range step, codes rounded to
+//!   nearest, then the weighted least-squares scale (and offset) for those codes, keeping the
+//!   candidate of least `sum_i w_i (x_i - y_i)^2`. The sub-block scales (and mins) are then
+//!   quantized to 6 bits (4 bits for Q2_K, signed 8 bits for Q6_K, signed 6 bits for Q3_K)
+//!   against an f16 super-block scale `d = max / 63` (`/ 15`, `/ 127`, `/ 31`), and finally
+//!   every code is the nearest level under the stored (quantized) parameters. The `from_parts`
+//!   constructors ([`BlockQ4_K::from_parts`], ..., [`k_block_bytes`]) pack given parameters
+//!   and codes (how GPTQ-placed K grids are written).
 //! * Importance (imatrix) hook, `quantize_weighted(x, w)`: the same searches with per-weight
 //!   importance `w_i >= 0`, minimising `sum_i w_i (x_i - y_i)^2` with `y` the dequantized
-//!   block. For the legacy types the searched block is kept only when its weighted error is
-//!   below that of the reference block, so it is never worse under the objective. A block
+//!   block. The searched block is kept only when its weighted error is below that of the
+//!   reference block, so it is never worse under the objective. A block
 //!   whose importance sums to 0 is quantized as with uniform weights.
 //!
 //! ```
@@ -55,6 +59,8 @@
 use super::pack_err;
 use crate::Result;
 use half::f16;
+use quantlab_grids::ggml_k::{fit_superblock, KSuperParams};
+use quantlab_grids::{Format, GgmlGrid};
 
 /// Weights per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -337,6 +343,18 @@ const _: () = assert!(std::mem::size_of::<BlockQ3_K>() == 110);
 const _: () = assert!(std::mem::size_of::<BlockQ4_K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5_K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6_K>() == 210);
+const _: () = assert!(std::mem::size_of::<BlockIQ4_NL>() == 18);
+
+/// IQ4_NL: 32 weights, `y = d * IQ4_NL_LEVELS[q]` (16 fixed non-uniform int8 levels); nibbles
+/// as Q4_0 (`qs[j]` holds `q[j]` in the low nibble and `q[j + 16]` in the high one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockIQ4_NL {
+    /// f16 scale of the levels.
+    pub d: f16,
+    /// Packed level indices.
+    pub qs: [u8; 16],
+}
 
 // ---------------------------------------------------------------------------------------
 // Little-endian byte helpers
@@ -411,132 +429,7 @@ fn weighted_error(x: &[f32], y: &[f32], w: Option<&[f32]>) -> f64 {
         .sum()
 }
 
-/// Symmetric scale search for codes in `nlo..=nhi` (`nlo < 0`): returns a signed scale `d`
-/// for `y = d * q`.
-///
-/// Candidates: `d_t = max / -(|nlo| + t / 10)` for `t` in `-10..=10` (`max` the signed value
-/// of largest `|x|`, so `t = 0` maps it to `nlo` as ggml's Q4_0 does), codes
-/// `q = clamp(round(x / d_t))`, and for those codes also the weighted least-squares scale
-/// `sum w x q / sum w q^2`; the candidate of least `sum w (x - d q)^2` wins (first on ties).
-pub fn fit_symmetric(x: &[f32], w: Option<&[f32]>, nlo: i32, nhi: i32) -> f32 {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax == 0.0 {
-        return 0.0;
-    }
-    let err_of = |d: f32| -> f64 {
-        x.iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let q = (v / d).round().clamp(nlo as f32, nhi as f32);
-                wt(w, i) * ((v - d * q) as f64).powi(2)
-            })
-            .sum()
-    };
-    let base = max / -(nlo as f32);
-    let mut best = (err_of(base), base);
-    for t in -10..=10 {
-        let d = max / -(-(nlo as f32) + t as f32 * 0.1);
-        if !d.is_finite() || d == 0.0 {
-            continue;
-        }
-        let (mut sxq, mut sqq) = (0.0f64, 0.0f64);
-        for (i, &v) in x.iter().enumerate() {
-            let q = (v / d).round().clamp(nlo as f32, nhi as f32) as f64;
-            sxq += wt(w, i) * v as f64 * q;
-            sqq += wt(w, i) * q * q;
-        }
-        let mut cands = [d, d];
-        if sqq > 0.0 {
-            cands[1] = (sxq / sqq) as f32;
-        }
-        for c in cands {
-            if c.is_finite() && c != 0.0 {
-                let e = err_of(c);
-                if e < best.0 {
-                    best = (e, c);
-                }
-            }
-        }
-    }
-    best.1
-}
-
-/// Affine scale search for codes in `0..=nmax`: returns `(a, b)` for `y = a * q + b`, with
-/// `a >= 0`, and `b <= 0` when `offset_le_zero` (the K-quants store `-dmin * m`, `m >= 0`).
-///
-/// The range is `[lo, hi]` with `lo = min x` (and `min(lo, 0)` when `offset_le_zero`),
-/// `hi = max x`; candidates: the full-range step `(hi - lo) / nmax` with `b = lo`, and for
-/// steps `(hi - lo) / (nmax + t / 10)`, `t` in `-10..=10`, the codes
-/// `q = clamp(round((x - lo) / step))` with the weighted least-squares `(a, b)` for those
-/// codes (`b` clamped to 0 with the matching `a` when `offset_le_zero`). Least
-/// `sum w (x - a q - b)^2` wins (first on ties).
-pub fn fit_affine(x: &[f32], w: Option<&[f32]>, nmax: u32, offset_le_zero: bool) -> (f32, f32) {
-    let mut lo = x.iter().copied().fold(f32::INFINITY, f32::min);
-    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if offset_le_zero {
-        lo = lo.min(0.0);
-    }
-    if hi <= lo || !(hi - lo).is_finite() {
-        return (0.0, lo);
-    }
-    let nm = nmax as f32;
-    let err_of = |a: f32, b: f32| -> f64 {
-        x.iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let q = if a > 0.0 {
-                    ((v - b) / a).round().clamp(0.0, nm)
-                } else {
-                    0.0
-                };
-                wt(w, i) * ((v - (a * q + b)) as f64).powi(2)
-            })
-            .sum()
-    };
-    let a0 = (hi - lo) / nm;
-    let mut best = (err_of(a0, lo), a0, lo);
-    for t in -10..=10 {
-        let step = (hi - lo) / (nm + t as f32 * 0.1);
-        if !(step > 0.0 && step.is_finite()) {
-            continue;
-        }
-        let (mut sw, mut sq, mut sqq, mut sx, mut sxq) = (0.0f64, 0.0, 0.0, 0.0, 0.0);
-        for (i, &v) in x.iter().enumerate() {
-            let q = ((v - lo) / step).round().clamp(0.0, nm) as f64;
-            let wi = wt(w, i);
-            sw += wi;
-            sq += wi * q;
-            sqq += wi * q * q;
-            sx += wi * v as f64;
-            sxq += wi * v as f64 * q;
-        }
-        let det = sw * sqq - sq * sq;
-        if det <= 0.0 {
-            continue;
-        }
-        let mut a = (sw * sxq - sq * sx) / det;
-        let mut b = (sqq * sx - sq * sxq) / det;
-        if offset_le_zero && b > 0.0 {
-            b = 0.0;
-            a = sxq / sqq;
-        }
-        let (a, b) = (a as f32, b as f32);
-        if !(a > 0.0 && a.is_finite() && b.is_finite()) {
-            continue;
-        }
-        let e = err_of(a, b);
-        if e < best.0 {
-            best = (e, a, b);
-        }
-    }
-    (best.1, best.2)
-}
+pub use quantlab_grids::ggml_k::{fit_affine, fit_symmetric};
 
 /// The better of two blocks under `sum w (x - y)^2` (the first on ties).
 fn better_of<B: GgufBlock>(x: &[f32], w: Option<&[f32]>, a: B, b: B) -> B {
@@ -900,70 +793,61 @@ impl GgufBlock for BlockQ8_0 {
     }
 }
 
+impl GgufBlock for BlockIQ4_NL {
+    const QK: usize = 32;
+    const TYPE_ID: u32 = 20;
+    const TYPE_SIZE: usize = 18;
+    const NAME: &'static str = "IQ4_NL";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        qs: [0; 16],
+    };
+
+    /// The scale search of [`quantlab_grids::GgmlGrid::IQ4_NL`] (weighted with `w`), then the
+    /// nearest level of every weight.
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let g = GgmlGrid::IQ4_NL;
+        let p = g.fit_weighted(x, w);
+        let q: [u8; 32] = std::array::from_fn(|j| g.encode(x[j], p));
+        Self {
+            d: f16::from_f32(p.scale),
+            qs: nibbles(&q),
+        }
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let d = self.d.to_f32();
+        for (j, v) in y.iter_mut().enumerate() {
+            *v = d * quantlab_grids::ggml::IQ4_NL_LEVELS[unnibble(&self.qs, j) as usize] as f32;
+        }
+    }
+
+    fn write_le(&self, out: &mut [u8]) {
+        let mut o = Writer::new(out, Self::TYPE_SIZE);
+        o.f16(self.d);
+        o.bytes(&self.qs);
+    }
+
+    fn read_le(bytes: &[u8]) -> Self {
+        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+        Self {
+            d: r.f16(),
+            qs: r.array(),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // K-quants
 
-/// Affine super-block: per sub-block `(scale, min)` with `y = scale * q - min`, quantized to
-/// `levels`-level unsigned integers against f16 `d = max scale / (levels - 1)` and
-/// `dmin = max min / (levels - 1)`. Returns `(d, dmin, sc, m)`.
-fn affine_superblock<const S: usize>(
-    x: &[f32],
-    w: Option<&[f32]>,
-    nmax: u32,
-    levels: u32,
-) -> (f16, f16, [u8; S], [u8; S]) {
-    let sub = QK_K / S;
-    let mut scale = [0.0f32; S];
-    let mut min = [0.0f32; S];
-    for s in 0..S {
-        let r = s * sub..(s + 1) * sub;
-        let (a, b) = fit_affine(&x[r.clone()], w.map(|w| &w[r]), nmax, true);
-        scale[s] = a;
-        min[s] = -b;
-    }
-    let top = (levels - 1) as f32;
-    let d = f16::from_f32(scale.iter().copied().fold(0.0, f32::max) / top);
-    let dmin = f16::from_f32(min.iter().copied().fold(0.0, f32::max) / top);
-    let (df, dmf) = (d.to_f32(), dmin.to_f32());
-    let sc = std::array::from_fn(|s| nearest(scale[s], df, 0.0, top) as u8);
-    let m = std::array::from_fn(|s| nearest(min[s], dmf, 0.0, top) as u8);
-    (d, dmin, sc, m)
-}
-
-/// Codes of an affine super-block re-rounded under the stored parameters.
-fn affine_codes(x: &[f32], d: f16, dmin: f16, sc: &[u8], m: &[u8], nmax: u32) -> [u8; QK_K] {
-    let sub = QK_K / sc.len();
-    let (df, dmf) = (d.to_f32(), dmin.to_f32());
-    std::array::from_fn(|e| {
-        let s = e / sub;
-        let (a, b) = (df * sc[s] as f32, dmf * m[s] as f32);
-        nearest(x[e] + b, a, 0.0, nmax as f32) as u8
-    })
-}
-
-/// Symmetric super-block: per sub-block signed scales quantized to `-top..=top`-ish signed
-/// integers (clamped to `lo..=hi`) against f16 `d = max |scale| / top`; codes re-rounded to
-/// `nlo..=nhi`. Returns `(d, sc, q)`.
-fn symmetric_superblock<const S: usize>(
-    x: &[f32],
-    w: Option<&[f32]>,
-    (nlo, nhi): (i32, i32),
-    top: f32,
-    (lo, hi): (f32, f32),
-) -> (f16, [i8; S], [i8; QK_K]) {
-    let sub = QK_K / S;
-    let scale: [f32; S] = std::array::from_fn(|s| {
-        let r = s * sub..(s + 1) * sub;
-        fit_symmetric(&x[r.clone()], w.map(|w| &w[r]), nlo, nhi)
-    });
-    let d = f16::from_f32(scale.iter().fold(0.0f32, |a, v| a.max(v.abs())) / top);
-    let df = d.to_f32();
-    let sc: [i8; S] = std::array::from_fn(|s| nearest(scale[s], df, lo, hi) as i8);
-    let q = std::array::from_fn(|e| {
-        let a = df * sc[e / sub] as f32;
-        nearest(x[e], a, nlo as f32, nhi as f32) as i8
-    });
-    (d, sc, q)
+/// The stored parameters and codes of one K super-block of `grid` fitted to `x` by the
+/// grid's reference fit ([`quantlab_grids::ggml_k::fit_superblock`], optional importance
+/// `w`), each code the nearest level under the stored parameters.
+fn k_fit(grid: GgmlGrid, x: &[f32], w: Option<&[f32]>) -> (KSuperParams, [u8; QK_K]) {
+    let sp = fit_superblock(grid, x, w);
+    let sub = grid.group_len();
+    let q = std::array::from_fn(|e| grid.encode(x[e], sp.group_params(grid, e / sub)));
+    (sp, q)
 }
 
 /// Pack 8 six-bit scales and mins into ggml's 12-byte `scales` of Q4_K / Q5_K.
@@ -1006,19 +890,8 @@ impl GgufBlock for BlockQ2_K {
     };
 
     fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
-        let (d, dmin, sc, m) = affine_superblock::<16>(x, w, 3, 16);
-        let q = affine_codes(x, d, dmin, &sc, &m, 3);
-        let mut qs = [0u8; 64];
-        for (e, &v) in q.iter().enumerate() {
-            let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
-            qs[32 * h + l] |= v << (2 * j);
-        }
-        Self {
-            scales: std::array::from_fn(|s| sc[s] | (m[s] << 4)),
-            qs,
-            d,
-            dmin,
-        }
+        let (sp, q) = k_fit(GgmlGrid::Q2_K, x, w);
+        Self::from_parts(&sp, &q)
     }
 
     fn dequantize_block(&self, y: &mut [f32]) {
@@ -1076,30 +949,8 @@ impl GgufBlock for BlockQ3_K {
     };
 
     fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
-        let (d, sc, q) = symmetric_superblock::<16>(x, w, (-4, 3), 31.0, (-32.0, 31.0));
-        let mut scales = [0u8; 12];
-        for (s, &v) in sc.iter().enumerate() {
-            let u = (v as i32 + 32) as u8;
-            if s < 8 {
-                scales[s] |= u & 0xF;
-            } else {
-                scales[s - 8] |= (u & 0xF) << 4;
-            }
-            scales[8 + s % 4] |= (u >> 4) << (2 * (s / 4));
-        }
-        let (mut hmask, mut qs) = ([0u8; 32], [0u8; 64]);
-        for (e, &v) in q.iter().enumerate() {
-            let u = (v as i32 + 4) as u8;
-            let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
-            qs[32 * h + l] |= (u & 3) << (2 * j);
-            hmask[e % 32] |= (u >> 2) << (e / 32);
-        }
-        Self {
-            hmask,
-            qs,
-            scales,
-            d,
-        }
+        let (sp, q) = k_fit(GgmlGrid::Q3_K, x, w);
+        Self::from_parts(&sp, &q)
     }
 
     fn dequantize_block(&self, y: &mut [f32]) {
@@ -1146,24 +997,8 @@ impl GgufBlock for BlockQ4_K {
     };
 
     fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
-        let (d, dmin, sc, m) = affine_superblock::<8>(x, w, 15, 64);
-        let q = affine_codes(x, d, dmin, &sc, &m, 15);
-        let mut qs = [0u8; 128];
-        for (e, &v) in q.iter().enumerate() {
-            let s = e / 32;
-            qs[32 * (s / 2) + e % 32] |= v << (4 * (s % 2));
-        }
-        let b = Self {
-            d,
-            dmin,
-            scales: pack_scale_min_k4(&sc, &m),
-            qs,
-        };
-        match w {
-            // The unweighted search may still win under the weighted objective.
-            Some(_) => better_of(x, w, b, Self::quantize_block(x, None)),
-            None => b,
-        }
+        let (sp, q) = k_fit(GgmlGrid::Q4_K, x, w);
+        Self::from_parts(&sp, &q)
     }
 
     fn dequantize_block(&self, y: &mut [f32]) {
@@ -1210,21 +1045,8 @@ impl GgufBlock for BlockQ5_K {
     };
 
     fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
-        let (d, dmin, sc, m) = affine_superblock::<8>(x, w, 31, 64);
-        let q = affine_codes(x, d, dmin, &sc, &m, 31);
-        let (mut qh, mut qs) = ([0u8; 32], [0u8; 128]);
-        for (e, &v) in q.iter().enumerate() {
-            let s = e / 32;
-            qs[32 * (s / 2) + e % 32] |= (v & 0xF) << (4 * (s % 2));
-            qh[e % 32] |= (v >> 4) << s;
-        }
-        Self {
-            d,
-            dmin,
-            scales: pack_scale_min_k4(&sc, &m),
-            qh,
-            qs,
-        }
+        let (sp, q) = k_fit(GgmlGrid::Q5_K, x, w);
+        Self::from_parts(&sp, &q)
     }
 
     fn dequantize_block(&self, y: &mut [f32]) {
@@ -1273,15 +1095,8 @@ impl GgufBlock for BlockQ6_K {
     };
 
     fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
-        let (d, scales, q) = symmetric_superblock::<16>(x, w, (-32, 31), 127.0, (-128.0, 127.0));
-        let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
-        for (e, &v) in q.iter().enumerate() {
-            let u = (v as i32 + 32) as u8;
-            let (h, r) = (e / 128, e % 128);
-            ql[64 * h + r % 64] |= (u & 0xF) << (4 * (r / 64));
-            qh[32 * h + r % 32] |= (u >> 4) << (2 * (r / 32));
-        }
-        Self { ql, qh, scales, d }
+        let (sp, q) = k_fit(GgmlGrid::Q6_K, x, w);
+        Self::from_parts(&sp, &q)
     }
 
     fn dequantize_block(&self, y: &mut [f32]) {
@@ -1316,6 +1131,143 @@ impl GgufBlock for BlockQ6_K {
 }
 
 // ---------------------------------------------------------------------------------------
+// K blocks from stored parameters and codes
+
+/// The f16 of a value the K fit made exactly representable.
+fn exact_h(v: f32) -> f16 {
+    f16::from_f32(v)
+}
+
+impl BlockQ2_K {
+    /// The block of stored parameters `sp` (16 sub-blocks, `sc` and `m` in 0..=15) and codes
+    /// `q` (256, each 0..=3), as [`quantlab_grids::GgmlGrid::Q2_K`] defines them.
+    pub fn from_parts(sp: &KSuperParams, q: &[u8; QK_K]) -> Self {
+        let mut qs = [0u8; 64];
+        for (e, &v) in q.iter().enumerate() {
+            let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+            qs[32 * h + l] |= (v & 3) << (2 * j);
+        }
+        Self {
+            scales: std::array::from_fn(|s| (sp.sc[s] as u8 & 0xF) | ((sp.m[s] as u8 & 0xF) << 4)),
+            qs,
+            d: exact_h(sp.d),
+            dmin: exact_h(sp.dmin),
+        }
+    }
+}
+
+impl BlockQ3_K {
+    /// The block of stored parameters `sp` (16 sub-blocks, `sc` in -32..=31) and codes `q`
+    /// (256, each 0..=7 = signed value + 4).
+    pub fn from_parts(sp: &KSuperParams, q: &[u8; QK_K]) -> Self {
+        let mut scales = [0u8; 12];
+        for (s, &v) in sp.sc.iter().enumerate() {
+            let u = (v + 32) as u8;
+            if s < 8 {
+                scales[s] |= u & 0xF;
+            } else {
+                scales[s - 8] |= (u & 0xF) << 4;
+            }
+            scales[8 + s % 4] |= ((u >> 4) & 3) << (2 * (s / 4));
+        }
+        let (mut hmask, mut qs) = ([0u8; 32], [0u8; 64]);
+        for (e, &u) in q.iter().enumerate() {
+            let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+            qs[32 * h + l] |= (u & 3) << (2 * j);
+            hmask[e % 32] |= ((u >> 2) & 1) << (e / 32);
+        }
+        Self {
+            hmask,
+            qs,
+            scales,
+            d: exact_h(sp.d),
+        }
+    }
+}
+
+impl BlockQ4_K {
+    /// The block of stored parameters `sp` (8 sub-blocks, `sc` and `m` in 0..=63) and codes
+    /// `q` (256, each 0..=15).
+    pub fn from_parts(sp: &KSuperParams, q: &[u8; QK_K]) -> Self {
+        let mut qs = [0u8; 128];
+        for (e, &v) in q.iter().enumerate() {
+            let s = e / 32;
+            qs[32 * (s / 2) + e % 32] |= (v & 0xF) << (4 * (s % 2));
+        }
+        let sc: [u8; 8] = std::array::from_fn(|s| sp.sc[s] as u8);
+        let m: [u8; 8] = std::array::from_fn(|s| sp.m[s] as u8);
+        Self {
+            d: exact_h(sp.d),
+            dmin: exact_h(sp.dmin),
+            scales: pack_scale_min_k4(&sc, &m),
+            qs,
+        }
+    }
+}
+
+impl BlockQ5_K {
+    /// The block of stored parameters `sp` (8 sub-blocks, `sc` and `m` in 0..=63) and codes
+    /// `q` (256, each 0..=31).
+    pub fn from_parts(sp: &KSuperParams, q: &[u8; QK_K]) -> Self {
+        let (mut qh, mut qs) = ([0u8; 32], [0u8; 128]);
+        for (e, &v) in q.iter().enumerate() {
+            let s = e / 32;
+            qs[32 * (s / 2) + e % 32] |= (v & 0xF) << (4 * (s % 2));
+            qh[e % 32] |= ((v >> 4) & 1) << s;
+        }
+        let sc: [u8; 8] = std::array::from_fn(|s| sp.sc[s] as u8);
+        let m: [u8; 8] = std::array::from_fn(|s| sp.m[s] as u8);
+        Self {
+            d: exact_h(sp.d),
+            dmin: exact_h(sp.dmin),
+            scales: pack_scale_min_k4(&sc, &m),
+            qh,
+            qs,
+        }
+    }
+}
+
+impl BlockQ6_K {
+    /// The block of stored parameters `sp` (16 sub-blocks, `sc` an i8) and codes `q` (256,
+    /// each 0..=63 = signed value + 32).
+    pub fn from_parts(sp: &KSuperParams, q: &[u8; QK_K]) -> Self {
+        let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
+        for (e, &u) in q.iter().enumerate() {
+            let (h, r) = (e / 128, e % 128);
+            ql[64 * h + r % 64] |= (u & 0xF) << (4 * (r / 64));
+            qh[32 * h + r % 32] |= ((u >> 4) & 3) << (2 * (r / 32));
+        }
+        Self {
+            ql,
+            qh,
+            scales: std::array::from_fn(|s| sp.sc[s] as i8),
+            d: exact_h(sp.d),
+        }
+    }
+}
+
+/// The on-disk bytes of one K block of `grid` from its stored parameters and codes.
+///
+/// Panics (a caller bug) when `grid` is not a K type or `sp` has the wrong number of
+/// sub-blocks.
+#[track_caller]
+pub fn k_block_bytes(grid: GgmlGrid, sp: &KSuperParams, q: &[u8; QK_K]) -> Vec<u8> {
+    assert_eq!(
+        sp.sc.len(),
+        QK_K / grid.group_len(),
+        "sub-blocks of {grid:?}"
+    );
+    match grid {
+        GgmlGrid::Q2_K => to_bytes(&[BlockQ2_K::from_parts(sp, q)]),
+        GgmlGrid::Q3_K => to_bytes(&[BlockQ3_K::from_parts(sp, q)]),
+        GgmlGrid::Q4_K => to_bytes(&[BlockQ4_K::from_parts(sp, q)]),
+        GgmlGrid::Q5_K => to_bytes(&[BlockQ5_K::from_parts(sp, q)]),
+        GgmlGrid::Q6_K => to_bytes(&[BlockQ6_K::from_parts(sp, q)]),
+        g => panic!("{g:?} is not a K type"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Run-time selection
 
 /// A ggml block type chosen at run time.
@@ -1341,6 +1293,8 @@ pub enum GgmlType {
     Q5_K,
     /// ggml `Q6_K`, type id 14 ([`BlockQ6_K`]).
     Q6_K,
+    /// ggml `IQ4_NL`, type id 20 ([`BlockIQ4_NL`]).
+    IQ4_NL,
 }
 
 macro_rules! dispatch {
@@ -1386,13 +1340,17 @@ macro_rules! dispatch {
                 type $B = BlockQ6_K;
                 $body
             }
+            GgmlType::IQ4_NL => {
+                type $B = BlockIQ4_NL;
+                $body
+            }
         }
     };
 }
 
 impl GgmlType {
     /// Every type, in type-id order.
-    pub const ALL: [GgmlType; 10] = [
+    pub const ALL: [GgmlType; 11] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
@@ -1403,6 +1361,7 @@ impl GgmlType {
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
     ];
 
     /// The GGUF type id.
