@@ -275,7 +275,8 @@ fn fast_clip_search_equals_reference() {
                 granularity: gran,
                 ..Default::default()
             };
-            let fast = awq::search_clip(W.view(), stats.H_clip.view(), f.as_ref(), &params).unwrap();
+            let fast =
+                awq::search_clip(W.view(), stats.H_clip.view(), f.as_ref(), &params).unwrap();
             let reference =
                 awq::search_clip_reference(W.view(), stats.H_clip.view(), f.as_ref(), &params)
                     .unwrap();
@@ -291,7 +292,11 @@ fn fast_clip_search_equals_reference() {
                 },
             )
             .unwrap();
-            assert!(fast.iter().zip(full.iter()).any(|(a, b)| a < b), "{} {gran:?}", f.name());
+            assert!(
+                fast.iter().zip(full.iter()).any(|(a, b)| a < b),
+                "{} {gran:?}",
+                f.name()
+            );
         }
     }
 }
