@@ -327,6 +327,25 @@ pub fn search_scales(
     Ok((a, s, curve))
 }
 
+/// The clip searches' shared checks: `(out, in, groups per row, shrink candidates)`.
+fn clip_setup(
+    W: ArrayView2<f32>,
+    H_clip: ArrayView2<f32>,
+    params: &AwqParams,
+) -> Result<(usize, usize, usize, usize)> {
+    let (out, n) = W.dim();
+    if H_clip.dim() != (n, n) {
+        return Err(shape_err(
+            "awq clip",
+            format!("H is {:?} for {n} columns", H_clip.dim()),
+        ));
+    }
+    params.granularity.check("weight", n)?;
+    // AutoAWQ: range(int(max_shrink * n_grid))
+    let steps = ((params.clip_max_shrink * params.clip_n_grid as f64) as usize).max(1);
+    Ok((out, n, params.granularity.n_groups(n), steps))
+}
+
 /// The clip search on one (already scaled) weight `W [out, in]` with the (scaled) clip
 /// Hessian: the best max value per `[row, group]` (see the module documentation).
 ///
@@ -341,17 +360,8 @@ pub fn search_clip(
     params: &AwqParams,
 ) -> Result<Array2<f32>> {
     use rayon::prelude::*;
-    let (out, n) = W.dim();
-    if H_clip.dim() != (n, n) {
-        return Err(shape_err(
-            "awq clip",
-            format!("H is {:?} for {n} columns", H_clip.dim()),
-        ));
-    }
-    params.granularity.check("weight", n)?;
+    let (out, n, n_groups, steps) = clip_setup(W, H_clip, params)?;
     let gran = params.granularity;
-    let n_groups = gran.n_groups(n);
-    let steps = ((params.clip_max_shrink * params.clip_n_grid as f64) as usize).max(1);
     let per_group: Vec<Vec<f32>> = (0..n_groups)
         .into_par_iter()
         .map(|gi| {
@@ -409,18 +419,8 @@ pub fn search_clip_reference(
     format: &dyn Format,
     params: &AwqParams,
 ) -> Result<Array2<f32>> {
-    let (out, n) = W.dim();
-    if H_clip.dim() != (n, n) {
-        return Err(shape_err(
-            "awq clip",
-            format!("H is {:?} for {n} columns", H_clip.dim()),
-        ));
-    }
-    params.granularity.check("weight", n)?;
+    let (out, n, n_groups, steps) = clip_setup(W, H_clip, params)?;
     let gran = params.granularity;
-    let n_groups = gran.n_groups(n);
-    // AutoAWQ: range(int(max_shrink * n_grid))
-    let steps = ((params.clip_max_shrink * params.clip_n_grid as f64) as usize).max(1);
     let mut best = Array2::<f32>::zeros((out, n_groups));
     let mut buf_full = vec![0f32; gran.group_len(n)];
     let mut d_full = vec![0f64; gran.group_len(n)];
