@@ -36,6 +36,34 @@ pub(crate) fn tensor(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
+/// A vector of `len` f32 values written in parallel, chunk by chunk: `f(i, chunk)` gets the
+/// `i`-th chunk of `chunk` values (the last one may be shorter), zeroed by the same task just
+/// before. This replaces `vec![0; len]` followed by `par_chunks_mut(chunk)`: the zeroing of a
+/// fresh output (one serial `memset` in the allocating thread, up to a tenth of a block's
+/// forward here) moves into the parallel tasks, on memory they are about to write.
+pub(crate) fn par_fill(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| {
+            for x in c.iter_mut() {
+                x.write(0.0);
+            }
+            // SAFETY: every element of `c` was initialised just above, and `MaybeUninit<f32>`
+            // has the layout of `f32`.
+            let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            f(i, c);
+        });
+    // SAFETY: the chunks cover `0..len`, and each was initialised by its task.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// Rows processed per rayon task: enough work to amortise scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
@@ -80,28 +108,25 @@ pub(crate) fn rms_norm(x: &Tensor, w: &[f32], eps: f32) -> Result<Tensor> {
     let d = w.len();
     let shape = x.dims().to_vec();
     let out = with_f32(x, |xs| {
-        let mut out = vec![0f32; xs.len()];
         let rpt = rows_per_task(d);
-        out.par_chunks_mut(d * rpt)
-            .zip(xs.par_chunks(d * rpt))
-            .for_each(|(o, xi)| {
-                for (orow, xrow) in o.chunks_mut(d).zip(xi.chunks(d)) {
-                    let mut acc = [0f32; 8];
-                    let mut it = xrow.chunks_exact(8);
-                    for c in &mut it {
-                        for i in 0..8 {
-                            acc[i] += c[i] * c[i];
-                        }
-                    }
-                    let ss: f32 =
-                        acc.iter().sum::<f32>() + it.remainder().iter().map(|v| v * v).sum::<f32>();
-                    let r = 1.0 / (ss / d as f32 + eps).sqrt();
-                    for ((o, &v), &g) in orow.iter_mut().zip(xrow).zip(w) {
-                        *o = v * r * g;
+        par_fill(xs.len(), d * rpt, |ci, o| {
+            let xi = &xs[ci * d * rpt..ci * d * rpt + o.len()];
+            for (orow, xrow) in o.chunks_mut(d).zip(xi.chunks(d)) {
+                let mut acc = [0f32; 8];
+                let mut it = xrow.chunks_exact(8);
+                for c in &mut it {
+                    for i in 0..8 {
+                        acc[i] += c[i] * c[i];
                     }
                 }
-            });
-        out
+                let ss: f32 =
+                    acc.iter().sum::<f32>() + it.remainder().iter().map(|v| v * v).sum::<f32>();
+                let r = 1.0 / (ss / d as f32 + eps).sqrt();
+                for ((o, &v), &g) in orow.iter_mut().zip(xrow).zip(w) {
+                    *o = v * r * g;
+                }
+            }
+        })
     })?;
     tensor(out, &shape)
 }
@@ -144,9 +169,8 @@ pub(crate) fn to_kv_major(
     rope: Option<&Rope>,
 ) -> Result<Tensor> {
     let out = with_f32(x, |xs| {
-        let mut out = vec![0f32; xs.len()];
         let block = n * g * hd; // one (batch, kv head) matrix
-        out.par_chunks_mut(block).enumerate().for_each(|(bk, o)| {
+        par_fill(xs.len(), block, |bk, o| {
             let (bi, k) = (bk / kvh, bk % kvh);
             for t in 0..n {
                 for gi in 0..g {
@@ -170,8 +194,7 @@ pub(crate) fn to_kv_major(
                     }
                 }
             }
-        });
-        out
+        })
     })?;
     tensor(out, &[b, kvh, n * g, hd])
 }
@@ -187,15 +210,17 @@ pub(crate) fn from_kv_major(
 ) -> Result<Tensor> {
     let width = kvh * g * hd;
     let out = with_f32(x, |xs| {
-        let mut out = vec![0f32; xs.len()];
-        out.par_chunks_mut(width).enumerate().for_each(|(bt, o)| {
-            let (bi, t) = (bt / n, bt % n);
-            for k in 0..kvh {
-                let src = ((bi * kvh + k) * n + t) * g * hd;
-                o[k * g * hd..(k + 1) * g * hd].copy_from_slice(&xs[src..src + g * hd]);
+        let rpt = rows_per_task(width);
+        par_fill(xs.len(), width * rpt, |ci, o| {
+            for (r, o) in o.chunks_mut(width).enumerate() {
+                let bt = ci * rpt + r;
+                let (bi, t) = (bt / n, bt % n);
+                for k in 0..kvh {
+                    let src = ((bi * kvh + k) * n + t) * g * hd;
+                    o[k * g * hd..(k + 1) * g * hd].copy_from_slice(&xs[src..src + g * hd]);
+                }
             }
-        });
-        out
+        })
     })?;
     tensor(out, &[b, n, width])
 }
@@ -222,29 +247,31 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(ki.wrapping_add(127).wrapping_shl(23))
 }
 
-/// Rows of `A` per parallel task in [`matmul_into`].
+/// Rows of `A` per parallel task in [`matmul`].
 const ROW_TASK: usize = 128;
 
-/// `C = A B` for row-major `A` `[m, k]` and `B` `[k, n]` (f32, faer).
+/// `C = A B` for row-major `A` `[m, k]` and `B` `[k, n]` (f32, faer), as a new row-major
+/// `[m, n]` vector.
 ///
 /// Tall products are split into independent tasks of [`ROW_TASK`] rows of `A` and `C`, each a
 /// sequential faer product, balanced by rayon's work stealing; short ones (decoding) let faer
 /// parallelise inside the product.
-pub(crate) fn matmul_into(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
+pub(crate) fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let bm = MatRef::from_row_major_slice(b, k, n);
     if m >= 2 * ROW_TASK {
-        c.par_chunks_mut(ROW_TASK * n)
-            .zip(a.par_chunks(ROW_TASK * k))
-            .for_each(|(c, a)| {
-                let rows = a.len() / k;
-                let am = MatRef::from_row_major_slice(a, rows, k);
-                let cm = MatMut::from_row_major_slice_mut(c, rows, n);
-                faer::linalg::matmul::matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::Seq);
-            });
+        par_fill(m * n, ROW_TASK * n, |ci, c| {
+            let rows = c.len() / n;
+            let a = &a[ci * ROW_TASK * k..(ci * ROW_TASK + rows) * k];
+            let am = MatRef::from_row_major_slice(a, rows, k);
+            let cm = MatMut::from_row_major_slice_mut(c, rows, n);
+            faer::linalg::matmul::matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::Seq);
+        })
     } else {
+        let mut c = vec![0f32; m * n];
         let am = MatRef::from_row_major_slice(a, m, k);
-        let cm = MatMut::from_row_major_slice_mut(c, m, n);
+        let cm = MatMut::from_row_major_slice_mut(&mut c, m, n);
         faer::linalg::matmul::matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::rayon(0));
+        c
     }
 }
 
@@ -252,10 +279,7 @@ pub(crate) fn matmul_into(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usiz
 pub(crate) fn linear(x: &Tensor, wt: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (k, n) = wt.dims2()?;
     let m = x.elem_count() / k;
-    let mut out = vec![0f32; m * n];
-    with_f32(x, |xs| {
-        with_f32(wt, |ws| matmul_into(&mut out, xs, ws, m, k, n))
-    })??;
+    let mut out = with_f32(x, |xs| with_f32(wt, |ws| matmul(xs, ws, m, k, n)))??;
     if let Some(b) = bias {
         with_f32(b, |bs| {
             out.par_chunks_mut(n).for_each(|row| {
@@ -325,7 +349,7 @@ pub(crate) fn attention(
     let n = rows / g;
     let t_keys = k.dims()[2];
     let chunk = if n >= 256 { n.div_ceil(4) } else { n };
-    let mut out = vec![0f32; q.elem_count()];
+    let mut out = par_fill(q.elem_count(), 1 << 16, |_, _| {});
     with_f32(q, |qs| {
         with_f32(k, |ks| {
             with_f32(v, |vs| {
@@ -373,9 +397,8 @@ pub(crate) fn transpose(w: &Tensor) -> Result<Tensor> {
     let (r, c) = w.dims2()?;
     const T: usize = 32;
     let out = with_f32(w, |ws| {
-        let mut out = vec![0f32; r * c];
         // each task owns T rows of the output (= T columns of the input)
-        out.par_chunks_mut(T * r).enumerate().for_each(|(cb, o)| {
+        par_fill(r * c, T * r, |cb, o| {
             let c0 = cb * T;
             let cn = o.len() / r;
             for r0 in (0..r).step_by(T) {
@@ -386,18 +409,26 @@ pub(crate) fn transpose(w: &Tensor) -> Result<Tensor> {
                     }
                 }
             }
-        });
-        out
+        })
     })?;
     tensor(out, &[c, r])
 }
+
+/// Elements per parallel task of the elementwise kernels.
+const ELEMWISE_TASK: usize = 16384;
 
 /// `a + b` elementwise (the residual connection), same shapes, single pass.
 pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let shape = a.dims().to_vec();
     let out = with_f32(a, |xs| {
         with_f32(b, |ys| {
-            xs.iter().zip(ys).map(|(x, y)| x + y).collect::<Vec<f32>>()
+            par_fill(xs.len(), ELEMWISE_TASK, |ci, o| {
+                let at = ci * ELEMWISE_TASK;
+                let (x, y) = (&xs[at..at + o.len()], &ys[at..at + o.len()]);
+                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                    *o = x + y;
+                }
+            })
         })
     })??;
     tensor(out, &shape)
@@ -408,15 +439,13 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let shape = gate.dims().to_vec();
     let out = with_f32(gate, |gs| {
         with_f32(up, |us| {
-            let mut out = vec![0f32; gs.len()];
-            out.par_chunks_mut(16384)
-                .zip(gs.par_chunks(16384).zip(us.par_chunks(16384)))
-                .for_each(|(o, (g, u))| {
-                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                        *o = g / (1.0 + fast_exp(-g)) * u;
-                    }
-                });
-            out
+            par_fill(gs.len(), ELEMWISE_TASK, |ci, o| {
+                let at = ci * ELEMWISE_TASK;
+                let (g, u) = (&gs[at..at + o.len()], &us[at..at + o.len()]);
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + fast_exp(-g)) * u;
+                }
+            })
         })
     })??;
     tensor(out, &shape)
@@ -452,6 +481,19 @@ pub(crate) fn row_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn par_fill_hands_out_every_chunk_zeroed() {
+        let v = par_fill(1000, 64, |i, c| {
+            assert!(c.iter().all(|&x| x == 0.0));
+            assert_eq!(c.len(), if i == 15 { 1000 - 15 * 64 } else { 64 });
+            for (j, x) in c.iter_mut().enumerate() {
+                *x = (i * 64 + j) as f32;
+            }
+        });
+        assert_eq!(v, (0..1000).map(|x| x as f32).collect::<Vec<_>>());
+        assert!(par_fill(0, 8, |_, _| panic!("no chunk of an empty vector")).is_empty());
+    }
 
     #[test]
     fn fast_exp_matches_std() {

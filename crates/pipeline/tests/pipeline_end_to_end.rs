@@ -680,3 +680,189 @@ fn lazy_loading_gives_the_same_model() {
         assert!(d <= 1e-5, "{method:?}: logits differ by {d}");
     }
 }
+
+/// A linear that returns zeros (removes the MLP from a block in the reference AWQ search).
+#[derive(Debug)]
+struct ZeroLinear(usize, usize);
+
+impl quantlab_models::Linear for ZeroLinear {
+    fn forward(&self, x: &Tensor) -> quantlab_models::Result<Tensor> {
+        Ok(Tensor::zeros(
+            (x.dims()[0], self.0),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?)
+    }
+    fn in_features(&self) -> usize {
+        self.1
+    }
+    fn out_features(&self) -> usize {
+        self.0
+    }
+    fn weight(&self) -> quantlab_models::Result<Tensor> {
+        Ok(Tensor::zeros(
+            (self.0, self.1),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?)
+    }
+    fn bias(&self) -> Option<Tensor> {
+        None
+    }
+    fn kind(&self) -> &'static str {
+        "zero"
+    }
+}
+
+/// The driver's AWQ scale search re-runs each candidate only from the block stage whose
+/// linears it changes. The plain search it replaces, written out here on a fresh float copy
+/// of the model (every candidate through the whole block with `block_forward`; for q/k/v
+/// with the MLP's three linears replaced by zeros, scored against the same block's float
+/// output), chooses the same scales, bit for bit, for block 0 (whose input, the embeddings,
+/// both see unchanged).
+#[test]
+fn awq_staged_search_equals_whole_block_search() {
+    use ndarray::Array1;
+    use quantlab_solvers::awq::{search_scales, AwqParams, AwqStats};
+    let tmp = tmpdir("awqs");
+    let model_dir = tmp.path().join("tiny");
+    write_tiny(&model_dir, 2, 6);
+    let c = cfg(Method::Awq);
+    let mut src = SourceModel::load(&model_dir).unwrap();
+    let plan = c.plan(src.model.config()).unwrap();
+    let windows = calib::calibration_windows(
+        &src.tokenizer,
+        &Calibration::Texts(prose()),
+        c.nsamples,
+        c.seqlen,
+        c.seed,
+    )
+    .unwrap();
+    let o = quantize_model(&mut src.model, &windows, &plan, &c, Default::default()).unwrap();
+
+    let mut m = LlamaModel::load(&model_dir).unwrap();
+    let inps: Vec<Tensor> = windows
+        .chunks(c.batch_size)
+        .map(|ch| {
+            let r: Vec<&[u32]> = ch.iter().map(|w| w.as_slice()).collect();
+            m.embed(&r).unwrap()
+        })
+        .collect();
+    // mean |x| of the q and gate inputs over every calibration token
+    let q_name = "model.layers.0.self_attn.q_proj";
+    let g_name = "model.layers.0.mlp.gate_proj";
+    let mut sums: std::collections::BTreeMap<String, (Vec<f64>, usize)> = Default::default();
+    {
+        let mut hook = CaptureHook::new([q_name, g_name], |name: &str, x: &Tensor| {
+            let X = to_array(x).unwrap();
+            let e = sums
+                .entry(name.to_string())
+                .or_insert_with(|| (vec![0.0; X.ncols()], 0));
+            for row in X.rows() {
+                for (a, &v) in e.0.iter_mut().zip(row.iter()) {
+                    *a += v.abs() as f64;
+                }
+                e.1 += 1;
+            }
+        });
+        for h in &inps {
+            m.block_forward(0, h, 0, None, Some(&mut hook)).unwrap();
+        }
+    }
+    let stats = |name: &str| {
+        let (s, t) = &sums[name];
+        let d = s.len();
+        AwqStats {
+            x_mean: Array1::from_shape_fn(d, |j| (s[j] / *t as f64) as f32),
+            H: Array2::zeros((d, d)),
+            H_clip: Array2::zeros((d, d)),
+        }
+    };
+    // the first awq_samples windows
+    let mut subset = Vec::new();
+    let mut left = c.awq_samples;
+    for h in &inps {
+        let take = h.dims()[0].min(left);
+        if take > 0 {
+            subset.push(h.narrow(0, 0, take).unwrap());
+        }
+        left -= take;
+    }
+    let mse = |a: &[Tensor], b: &[Tensor]| -> f64 {
+        let (mut s, mut n) = (0.0, 0usize);
+        for (x, y) in a.iter().zip(b) {
+            s += (x - y)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            n += x.elem_count();
+        }
+        s / n as f64
+    };
+    let whole = |m: &LlamaModel| -> Vec<Tensor> {
+        subset
+            .iter()
+            .map(|h| m.block_forward(0, h, 0, None, None).unwrap())
+            .collect()
+    };
+    let search = |m: &mut LlamaModel, kinds: &[usize], reference: &[Tensor], st: &AwqStats| {
+        let names: Vec<String> = kinds.iter().map(|&k| plan.layers[k].name.clone()).collect();
+        let W0: Vec<Array2<f32>> = names
+            .iter()
+            .map(|n| to_array(&m.linear(n).unwrap().weight().unwrap()).unwrap())
+            .collect();
+        let views: Vec<_> = W0.iter().map(|w| w.view()).collect();
+        let format = plan.layers[kinds[0]].spec.build();
+        let params = AwqParams {
+            granularity: plan.layers[kinds[0]].granularity,
+            ..Default::default()
+        };
+        let mut loss = |_a: f64, _s: &Array1<f32>, qs: &[Array2<f32>]| -> f64 {
+            for (n, q) in names.iter().zip(qs) {
+                m.set_weight(n, to_tensor(q.view()).unwrap()).unwrap();
+            }
+            mse(&whole(m), reference)
+        };
+        let (a, s, _) =
+            search_scales(&views, st, format.as_ref(), &params, Some(&mut loss)).unwrap();
+        for (n, w) in names.iter().zip(&W0) {
+            m.set_weight(n, to_tensor(w.view()).unwrap()).unwrap();
+        }
+        (a, s)
+    };
+    // q, k, v: the block without its MLP
+    let mlp = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+    let mut saved = Vec::new();
+    for l in mlp {
+        let name = format!("model.layers.0.{l}");
+        let (o_, i_) = {
+            let lin = m.linear(&name).unwrap();
+            (lin.out_features(), lin.in_features())
+        };
+        saved.push(
+            m.replace_linear(&name, Box::new(ZeroLinear(o_, i_)))
+                .unwrap(),
+        );
+    }
+    let ref_attn = whole(&m);
+    let (_, s_qkv) = search(&mut m, &[0, 1, 2], &ref_attn, &stats(q_name));
+    for (l, old) in mlp.iter().zip(saved) {
+        m.replace_linear(&format!("model.layers.0.{l}"), old)
+            .unwrap();
+    }
+    // gate, up: the whole block
+    let ref_full = whole(&m);
+    let (_, s_gu) = search(&mut m, &[4, 5], &ref_full, &stats(g_name));
+
+    let got_qkv = &o.norm_scales["model.layers.0.input_layernorm.weight"];
+    let got_gu = &o.norm_scales["model.layers.0.post_attention_layernorm.weight"];
+    assert_eq!(got_qkv, &s_qkv, "q/k/v scales");
+    assert_eq!(got_gu, &s_gu, "gate/up scales");
+    // not vacuous: both searches chose non-trivial scales
+    assert!(s_qkv.iter().any(|&v| (v - 1.0).abs() > 1e-3));
+    assert!(s_gu.iter().any(|&v| (v - 1.0).abs() > 1e-3));
+}
