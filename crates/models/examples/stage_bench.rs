@@ -83,30 +83,27 @@ fn main() -> quantlab_models::Result<()> {
         sum * 1e3,
         fsum / sum / 1e9
     );
-    // linears alone
+    // linears alone: q, k, v on the normed input, gate on the post-attention one
     let x = model.block_attn_input(0, &h)?;
-    for (j, name) in ["q", "k", "v"].iter().enumerate() {
+    let x2 = model
+        .block_mlp_input(0, &h, &model.block_attention(0, &x, b)?)?
+        .1;
+    for (j, input) in [(0, &x), (1, &x), (2, &x), (4, &x2)] {
         let l = model.block(0).linear(j);
         let t = Instant::now();
-        let _ = l.forward(&x)?;
+        let _ = l.forward(input)?;
         let s = t.elapsed().as_secs_f64();
         println!(
-            "  {name}_proj {:8.1} ms  {:6.1} GFLOP/s",
+            "  {:<10} {:8.1} ms  {:6.1} GFLOP/s",
+            model
+                .block(0)
+                .linear_name(j)
+                .rsplit('.')
+                .next()
+                .unwrap_or(""),
             s * 1e3,
             lin(l.in_features(), l.out_features()) / s / 1e9
         );
     }
-    let x2 = model
-        .block_mlp_input(0, &h, &model.block_attention(0, &x, b)?)?
-        .1;
-    let l = model.block(0).linear(4);
-    let t = Instant::now();
-    let _ = l.forward(&x2)?;
-    let s = t.elapsed().as_secs_f64();
-    println!(
-        "  gate_proj {:8.1} ms  {:6.1} GFLOP/s",
-        s * 1e3,
-        lin(d, f) / s / 1e9
-    );
     Ok(())
 }

@@ -165,22 +165,8 @@ fn tensor_type(path: &Path, name: &str) -> GgmlType {
 /// the driver's `QuantizedLinear::dequantize()`.
 fn assert_blocks_equal_driver(model: &Path, file: &Path, c: &QuantizeConfig) {
     use quantlab_models::{GgufWeights, WeightSource};
-    use quantlab_pipeline::calib::calibration_windows;
     use quantlab_pipeline::driver::to_array;
-    use quantlab_pipeline::source::SourceModel;
-    let mut src = SourceModel::load(model).unwrap();
-    let plan = c.plan(src.model.config()).unwrap();
-    let windows = calibration_windows(
-        &src.tokenizer,
-        &Calibration::Texts(prose()),
-        c.nsamples,
-        c.seqlen,
-        c.seed,
-    )
-    .unwrap();
-    let o =
-        quantlab_pipeline::quantize_model(&mut src.model, &windows, &plan, c, Default::default())
-            .unwrap();
+    let o = quantize_in_memory(model, c, false).out;
     let g = GgufWeights::open(file).unwrap();
     for l in &o.layers {
         let want = l.linear.as_ref().expect("quantized").dequantize();

@@ -12,14 +12,13 @@ use quantlab_pipeline::driver::{to_array, to_tensor};
 use quantlab_pipeline::save::{load_quantized, save_quantized, SaveInputs};
 use quantlab_pipeline::source::SourceModel;
 use quantlab_pipeline::{
-    calib, dry_run, quantize_model, run, Calibration, EvalSpec, Method, Override, QuantizeConfig,
-    QuantizeJob,
+    dry_run, run, Calibration, EvalSpec, Method, Override, QuantizeConfig, QuantizeJob,
 };
 use quantlab_solvers::gptq::{gptq, GptqParams};
 use quantlab_solvers::hessian::{Counting, Hessian};
 
 mod support;
-use support::{prose, HEADS, LAYERS};
+use support::{prose, quantize_in_memory, InMemory, HEADS, LAYERS};
 
 const INTER: usize = 96;
 
@@ -64,17 +63,9 @@ fn quantize_and_save(
     out: &Path,
     c: &QuantizeConfig,
 ) -> (SourceModel, quantlab_pipeline::DriverOutput) {
-    let mut src = SourceModel::load(model_dir).unwrap();
-    let plan = c.plan(src.model.config()).unwrap();
-    let windows = calib::calibration_windows(
-        &src.tokenizer,
-        &Calibration::Texts(prose()),
-        c.nsamples,
-        c.seqlen,
-        c.seed,
-    )
-    .unwrap();
-    let o = quantize_model(&mut src.model, &windows, &plan, c, Default::default()).unwrap();
+    let InMemory {
+        src, plan, out: o, ..
+    } = quantize_in_memory(model_dir, c, false);
     let inputs = SaveInputs {
         model: &src.model,
         others: &src.others,
@@ -162,17 +153,9 @@ fn pipeline_gptq_equals_layer_solver_on_every_block() {
     let model_dir = tmp.path().join("tiny");
     write_tiny(&model_dir, 2, 2);
     let c = cfg(Method::Gptq);
-    let mut src = SourceModel::load(&model_dir).unwrap();
-    let plan = c.plan(src.model.config()).unwrap();
-    let windows = calib::calibration_windows(
-        &src.tokenizer,
-        &Calibration::Texts(prose()),
-        c.nsamples,
-        c.seqlen,
-        c.seed,
-    )
-    .unwrap();
-    let o = quantize_model(&mut src.model, &windows, &plan, &c, Default::default()).unwrap();
+    let InMemory {
+        windows, out: o, ..
+    } = quantize_in_memory(&model_dir, &c, false);
     let mut model = LlamaModel::load(&model_dir).unwrap();
     let spec = FormatSpec::Uniform(UniformGrid::new(4, true).unwrap());
     let p = GptqParams {
@@ -640,19 +623,8 @@ fn lazy_loading_gives_the_same_model() {
         let run_mode = |lazy: bool| {
             let mut c = c.clone();
             c.lazy = lazy;
-            let mut src = SourceModel::load_with(&model_dir, lazy).unwrap();
-            let plan = c.plan(src.model.config()).unwrap();
-            let windows = calib::calibration_windows(
-                &src.tokenizer,
-                &Calibration::Texts(prose()),
-                c.nsamples,
-                c.seqlen,
-                c.seed,
-            )
-            .unwrap();
-            let o =
-                quantize_model(&mut src.model, &windows, &plan, &c, Default::default()).unwrap();
-            (src, o)
+            let r = quantize_in_memory(&model_dir, &c, lazy);
+            (r.src, r.out)
         };
         let (eager, oe) = run_mode(false);
         let (lazy, ol) = run_mode(true);
@@ -728,18 +700,12 @@ fn awq_staged_search_equals_whole_block_search() {
     let model_dir = tmp.path().join("tiny");
     write_tiny(&model_dir, 2, 6);
     let c = cfg(Method::Awq);
-    let mut src = SourceModel::load(&model_dir).unwrap();
-    let plan = c.plan(src.model.config()).unwrap();
-    let windows = calib::calibration_windows(
-        &src.tokenizer,
-        &Calibration::Texts(prose()),
-        c.nsamples,
-        c.seqlen,
-        c.seed,
-    )
-    .unwrap();
-    let o = quantize_model(&mut src.model, &windows, &plan, &c, Default::default()).unwrap();
-
+    let InMemory {
+        plan,
+        windows,
+        out: o,
+        ..
+    } = quantize_in_memory(&model_dir, &c, false);
     let mut m = LlamaModel::load(&model_dir).unwrap();
     let inps: Vec<Tensor> = windows
         .chunks(c.batch_size)

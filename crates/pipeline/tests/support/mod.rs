@@ -81,3 +81,43 @@ pub fn python(modules: &str, args: &[&str]) -> Option<serde_json::Value> {
     );
     Some(serde_json::from_slice(&out.stdout).expect("python printed JSON"))
 }
+
+/// A model quantized in memory by the whole-model driver, with what went in.
+pub struct InMemory {
+    /// The loaded source; its model is now quantized.
+    pub src: quantlab_pipeline::source::SourceModel,
+    /// The plan the driver ran.
+    pub plan: quantlab_pipeline::Plan,
+    /// The calibration windows, drawn from [`prose`] with the config's sizes and seed.
+    pub windows: Vec<Vec<u32>>,
+    /// The driver's output.
+    pub out: quantlab_pipeline::DriverOutput,
+}
+
+/// Loads `model_dir` (lazily with `lazy`), plans `c`, draws the calibration windows from
+/// [`prose`] and runs `quantize_model`.
+pub fn quantize_in_memory(
+    model_dir: &Path,
+    c: &quantlab_pipeline::QuantizeConfig,
+    lazy: bool,
+) -> InMemory {
+    let mut src = quantlab_pipeline::source::SourceModel::load_with(model_dir, lazy).unwrap();
+    let plan = c.plan(src.model.config()).unwrap();
+    let windows = quantlab_pipeline::calib::calibration_windows(
+        &src.tokenizer,
+        &quantlab_pipeline::Calibration::Texts(prose()),
+        c.nsamples,
+        c.seqlen,
+        c.seed,
+    )
+    .unwrap();
+    let out =
+        quantlab_pipeline::quantize_model(&mut src.model, &windows, &plan, c, Default::default())
+            .unwrap();
+    InMemory {
+        src,
+        plan,
+        windows,
+        out,
+    }
+}
