@@ -24,7 +24,9 @@
 //! quantized model as it was in memory. The directory is written as `DIR.tmp-<pid>` and renamed
 //! at the end: a failure or an interruption leaves no `DIR`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -32,6 +34,8 @@ use candle_core::{DType, Device, Tensor};
 use ndarray::{Array1, Array2, Axis};
 use quantlab_grids::{FormatSpec, Granularity, NestedScales, QuantizedLinear};
 use quantlab_models::{LlamaConfig, LlamaModel, LlamaTokenizer, RopeScaling};
+use safetensors::tensor::View;
+use safetensors::Dtype;
 use serde_json::{json, Value};
 
 use crate::driver::{to_array, to_tensor, QuantizedLayer};
@@ -238,10 +242,157 @@ pub(crate) fn write_dir_atomically(
     })
 }
 
+/// A tensor of a checkpoint file whose bytes are made when the writer reaches it: the files
+/// are written one tensor at a time, so that the dequantized weights of a whole model (four
+/// bytes a weight, the largest thing the save writes) are never in memory at once. A failure
+/// inside `make` is kept in `err` (the writer then gets zeros of the right length, and
+/// [`write_streamed`] reports the error, so the temporary directory is discarded).
+struct Streamed<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    make: Box<dyn Fn() -> Result<Vec<u8>> + 'a>,
+    err: &'a RefCell<Option<PipelineError>>,
+}
+
+impl View for Streamed<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let len = self.data_len();
+        match (self.make)() {
+            Ok(b) if b.len() == len => Cow::Owned(b),
+            r => {
+                let e = r.err().unwrap_or_else(|| {
+                    PipelineError::option(
+                        "save",
+                        format!("a tensor of shape {:?} has the wrong size", self.shape),
+                    )
+                });
+                self.err.borrow_mut().get_or_insert(e);
+                Cow::Owned(vec![0; len])
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// The safetensors dtype of a checkpoint tensor; errors name the tensor.
+fn st_dtype(name: &str, d: DType) -> Result<Dtype> {
+    Ok(match d {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::F64 => Dtype::F64,
+        DType::U8 => Dtype::U8,
+        DType::U32 => Dtype::U32,
+        DType::I16 => Dtype::I16,
+        DType::I32 => Dtype::I32,
+        DType::I64 => Dtype::I64,
+        d => {
+            return Err(PipelineError::option(
+                "save",
+                format!("tensor `{name}` has dtype {d:?}, which the checkpoint does not store"),
+            ))
+        }
+    })
+}
+
+/// The little-endian bytes of a CPU tensor (of a dtype [`st_dtype`] accepts).
+fn tensor_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>> {
+    fn le<T: candle_core::WithDType, const N: usize>(
+        t: &Tensor,
+        f: impl Fn(T) -> [u8; N],
+    ) -> candle_core::Result<Vec<u8>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<T>()?
+            .into_iter()
+            .flat_map(f)
+            .collect())
+    }
+    let r = match st_dtype(name, t.dtype())? {
+        Dtype::F16 => le(t, half::f16::to_le_bytes),
+        Dtype::BF16 => le(t, half::bf16::to_le_bytes),
+        Dtype::F64 => le(t, f64::to_le_bytes),
+        Dtype::U8 => le(t, |v: u8| [v]),
+        Dtype::U32 => le(t, u32::to_le_bytes),
+        Dtype::I16 => le(t, i16::to_le_bytes),
+        Dtype::I32 => le(t, i32::to_le_bytes),
+        Dtype::I64 => le(t, i64::to_le_bytes),
+        _ => le(t, f32::to_le_bytes),
+    };
+    r.ctx(name)
+}
+
+/// Writes `entries` as one safetensors file, one tensor in memory at a time.
+fn write_streamed(
+    path: &Path,
+    entries: Vec<(String, Streamed<'_>)>,
+    err: &RefCell<Option<PipelineError>>,
+) -> Result<()> {
+    safetensors::serialize_to_file(entries, None, path).map_err(|e| PipelineError::Format {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    match err.borrow_mut().take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A tensor already in memory, converted when written.
+fn ready<'a>(
+    name: &str,
+    t: Tensor,
+    err: &'a RefCell<Option<PipelineError>>,
+) -> Result<(String, Streamed<'a>)> {
+    let dtype = st_dtype(name, t.dtype())?;
+    let shape = t.dims().to_vec();
+    let n = name.to_string();
+    let make = Box::new(move || tensor_bytes(&n, &t));
+    Ok((
+        name.to_string(),
+        Streamed {
+            dtype,
+            shape,
+            make,
+            err,
+        },
+    ))
+}
+
+/// An f32 `[rows, cols]` tensor computed when written.
+fn computed<'a>(
+    name: String,
+    shape: (usize, usize),
+    make: impl Fn() -> Result<Array2<f32>> + 'a,
+    err: &'a RefCell<Option<PipelineError>>,
+) -> (String, Streamed<'a>) {
+    let make = Box::new(move || {
+        let a = make()?;
+        Ok(a.iter().flat_map(|v| v.to_le_bytes()).collect())
+    });
+    (
+        name,
+        Streamed {
+            dtype: Dtype::F32,
+            shape: vec![shape.0, shape.1],
+            make,
+            err,
+        },
+    )
+}
+
 fn write_all(dir: &Path, inp: &SaveInputs<'_>) -> Result<()> {
     let cfg = inp.model.config();
     write_json(&dir.join("config.json"), &hf_config_json(cfg))?;
-    let mut dense: HashMap<String, Tensor> = HashMap::new();
+    let err: RefCell<Option<PipelineError>> = RefCell::new(None);
+    let mut dense = Vec::new();
     for (name, t) in inp.others {
         if name == "lm_head.weight" && cfg.tie_word_embeddings {
             continue;
@@ -255,60 +406,70 @@ fn write_all(dir: &Path, inp: &SaveInputs<'_>) -> Result<()> {
             }
             None => t.clone(),
         };
-        dense.insert(name.clone(), t);
+        dense.push(ready(name, t, &err)?);
     }
-    let mut quant: HashMap<String, Tensor> = HashMap::new();
+    let mut quant = Vec::new();
     for l in inp.layers {
-        let stored: Array2<f32> = match (&l.linear, &l.norm_scale) {
-            (Some(q), _) => q.dequantize(),
-            (None, Some(s)) => {
-                to_array(&inp.model.linear(&l.name)?.weight()?)? * s.view().insert_axis(Axis(0))
-            }
-            (None, None) => to_array(&inp.model.linear(&l.name)?.weight()?)?,
+        let lin = inp.model.linear(&l.name)?;
+        let shape = (lin.out_features(), lin.in_features());
+        let stored = move || -> Result<Array2<f32>> {
+            Ok(match (&l.linear, &l.norm_scale) {
+                (Some(q), _) => q.dequantize(),
+                (None, Some(s)) => {
+                    to_array(&inp.model.linear(&l.name)?.weight()?)? * s.view().insert_axis(Axis(0))
+                }
+                (None, None) => to_array(&inp.model.linear(&l.name)?.weight()?)?,
+            })
         };
-        dense.insert(format!("{}.weight", l.name), to_tensor(stored.view())?);
+        dense.push(computed(format!("{}.weight", l.name), shape, stored, &err));
         if let Some(q) = &l.linear {
-            for (k, t) in linear_tensors(q)? {
-                quant.insert(format!("{}.{k}", l.name), t);
+            let codes = move || Ok(q.codes.iter().copied().collect::<Vec<u8>>());
+            quant.push((
+                format!("{}.codes", l.name),
+                Streamed {
+                    dtype: Dtype::U8,
+                    shape: vec![q.shape().0, q.shape().1],
+                    make: Box::new(codes),
+                    err: &err,
+                },
+            ));
+            for (k, t) in linear_params(q)? {
+                quant.push(ready(&format!("{}.{k}", l.name), t, &err)?);
             }
         }
         if let (Some(s), Some(_)) = (&l.input_scale, &l.linear) {
-            quant.insert(
-                format!("{}.awq_scale", l.name),
-                Tensor::from_slice(s.as_slice().expect("contiguous"), s.len(), &Device::Cpu)
-                    .ctx("awq scale")?,
-            );
+            let t = Tensor::from_slice(s.as_slice().expect("contiguous"), s.len(), &Device::Cpu)
+                .ctx("awq scale")?;
+            quant.push(ready(&format!("{}.awq_scale", l.name), t, &err)?);
         }
     }
-    let p = dir.join("model.safetensors");
-    candle_core::safetensors::save(&dense, &p).map_err(|e| PipelineError::Format {
-        path: p.display().to_string(),
-        detail: e.to_string(),
-    })?;
-    drop(dense);
-    let p = dir.join("quantized.safetensors");
-    candle_core::safetensors::save(&quant, &p).map_err(|e| PipelineError::Format {
-        path: p.display().to_string(),
-        detail: e.to_string(),
-    })?;
+    write_streamed(&dir.join("model.safetensors"), dense, &err)?;
+    write_streamed(&dir.join("quantized.safetensors"), quant, &err)?;
     write_json(&dir.join("quantization_config.json"), &inp.quant_config)?;
     write_tokenizer(dir, inp.source, inp.tokenizer)?;
     write_json(&dir.join("report.json"), &inp.report)?;
     Ok(())
 }
 
+/// The tensors `quantized.safetensors` stores for one linear (suffixes after its name).
 pub(crate) fn linear_tensors(q: &QuantizedLinear) -> Result<Vec<(&'static str, Tensor)>> {
     let (out, inp) = q.shape();
+    let codes = Tensor::from_vec(
+        q.codes.iter().copied().collect::<Vec<u8>>(),
+        (out, inp),
+        &Device::Cpu,
+    )
+    .ctx("codes")?;
+    let mut v = vec![("codes", codes)];
+    v.extend(linear_params(q)?);
+    Ok(v)
+}
+
+/// [`linear_tensors`] but the codes: the group parameters, `g_idx` and the double-quantized
+/// absmax.
+fn linear_params(q: &QuantizedLinear) -> Result<Vec<(&'static str, Tensor)>> {
+    let inp = q.shape().1;
     let mut v = vec![
-        (
-            "codes",
-            Tensor::from_vec(
-                q.codes.iter().copied().collect::<Vec<u8>>(),
-                (out, inp),
-                &Device::Cpu,
-            )
-            .ctx("codes")?,
-        ),
         ("scales", to_tensor(q.scales.view())?),
         ("zeros", to_tensor(q.zeros.view())?),
         (
@@ -437,4 +598,71 @@ pub fn load_quantized(dir: &Path) -> Result<QuantizedCheckpoint> {
         awq_scales,
         config,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The streamed writer's file, read back by candle's own safetensors reader, holds every
+    /// tensor as it was (several dtypes, a computed one); a failure inside one tensor's
+    /// `make` is reported with its message instead of leaving a file of zeros unnoticed.
+    #[test]
+    fn streamed_file_reads_back_and_reports_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let f32s = Tensor::new(&[[1.5f32, -2.0, 3.25], [0.0, 7.0, -0.5]], &dev).unwrap();
+        let bf16s = f32s.to_dtype(DType::BF16).unwrap();
+        let u8s = Tensor::new(&[3u8, 0, 255, 7], &dev).unwrap();
+        let i64s = Tensor::new(&[-5i64, 1 << 40], &dev).unwrap();
+        let err = RefCell::new(None);
+        let a = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 / 8.0);
+        let entries = vec![
+            ready("a.f32", f32s.clone(), &err).unwrap(),
+            ready("b.bf16", bf16s.clone(), &err).unwrap(),
+            ready("c.u8", u8s.clone(), &err).unwrap(),
+            ready("d.i64", i64s.clone(), &err).unwrap(),
+            computed("e.computed".into(), (3, 4), || Ok(a.clone()), &err),
+        ];
+        let p = dir.path().join("t.safetensors");
+        write_streamed(&p, entries, &err).unwrap();
+        let back = candle_core::safetensors::load(&p, &dev).unwrap();
+        let same = |x: &Tensor, y: &Tensor| {
+            assert_eq!(x.dtype(), y.dtype());
+            assert_eq!(x.dims(), y.dims());
+            let d = x
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sub(&y.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert_eq!(d, 0.0);
+        };
+        same(&back["a.f32"], &f32s);
+        same(&back["b.bf16"], &bf16s);
+        same(&back["c.u8"], &u8s);
+        same(&back["d.i64"], &i64s);
+        same(&back["e.computed"], &to_tensor(a.view()).unwrap());
+
+        let err = RefCell::new(None);
+        let entries = vec![
+            ready("ok", f32s, &err).unwrap(),
+            computed(
+                "bad".into(),
+                (2, 2),
+                || Err(PipelineError::option("test", "cannot dequantize `bad`")),
+                &err,
+            ),
+        ];
+        let e = write_streamed(&dir.path().join("u.safetensors"), entries, &err).unwrap_err();
+        assert!(e.to_string().contains("cannot dequantize `bad`"), "{e}");
+        let wrong = computed("short".into(), (2, 2), || Ok(Array2::zeros((1, 2))), &err);
+        let e = write_streamed(&dir.path().join("v.safetensors"), vec![wrong], &err).unwrap_err();
+        assert!(e.to_string().contains("wrong size"), "{e}");
+    }
 }
