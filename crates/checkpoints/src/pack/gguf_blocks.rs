@@ -359,6 +359,55 @@ pub struct BlockIQ4_NL {
 // ---------------------------------------------------------------------------------------
 // Little-endian byte helpers
 
+/// A field of a block as the file stores it: an f16 scalar, or an array of bytes or signed bytes.
+trait LeField: Sized {
+    fn put(&self, o: &mut Writer<'_>);
+    fn take(r: &mut Reader<'_>) -> Self;
+}
+
+impl LeField for f16 {
+    fn put(&self, o: &mut Writer<'_>) {
+        o.f16(*self);
+    }
+    fn take(r: &mut Reader<'_>) -> Self {
+        r.f16()
+    }
+}
+
+impl<const N: usize> LeField for [u8; N] {
+    fn put(&self, o: &mut Writer<'_>) {
+        o.bytes(self);
+    }
+    fn take(r: &mut Reader<'_>) -> Self {
+        r.array()
+    }
+}
+
+impl<const N: usize> LeField for [i8; N] {
+    fn put(&self, o: &mut Writer<'_>) {
+        o.i8s(self);
+    }
+    fn take(r: &mut Reader<'_>) -> Self {
+        r.i8_array()
+    }
+}
+
+/// `GgufBlock::write_le` and `read_le` for a block whose fields the file stores in the listed
+/// order, each little-endian, with no padding.
+macro_rules! le_fields {
+    ($($f:ident),+) => {
+        fn write_le(&self, out: &mut [u8]) {
+            let mut o = Writer::new(out, Self::TYPE_SIZE);
+            $( LeField::put(&self.$f, &mut o); )+
+        }
+
+        fn read_le(bytes: &[u8]) -> Self {
+            let mut r = Reader::new(bytes, Self::TYPE_SIZE);
+            Self { $( $f: LeField::take(&mut r), )+ }
+        }
+    };
+}
+
 struct Writer<'a> {
     out: &'a mut [u8],
     at: usize,
@@ -563,19 +612,7 @@ impl GgufBlock for BlockQ4_0 {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.f16(self.d);
-        o.bytes(&self.qs);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            d: r.f16(),
-            qs: r.array(),
-        }
-    }
+    le_fields!(d, qs);
 }
 
 impl GgufBlock for BlockQ4_1 {
@@ -617,21 +654,7 @@ impl GgufBlock for BlockQ4_1 {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.f16(self.d);
-        o.f16(self.m);
-        o.bytes(&self.qs);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            d: r.f16(),
-            m: r.f16(),
-            qs: r.array(),
-        }
-    }
+    le_fields!(d, m, qs);
 }
 
 fn q5_code(qh: &[u8; 4], qs: &[u8; 16], j: usize) -> u8 {
@@ -670,21 +693,7 @@ impl GgufBlock for BlockQ5_0 {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.f16(self.d);
-        o.bytes(&self.qh);
-        o.bytes(&self.qs);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            d: r.f16(),
-            qh: r.array(),
-            qs: r.array(),
-        }
-    }
+    le_fields!(d, qh, qs);
 }
 
 impl GgufBlock for BlockQ5_1 {
@@ -720,23 +729,7 @@ impl GgufBlock for BlockQ5_1 {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.f16(self.d);
-        o.f16(self.m);
-        o.bytes(&self.qh);
-        o.bytes(&self.qs);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            d: r.f16(),
-            m: r.f16(),
-            qh: r.array(),
-            qs: r.array(),
-        }
-    }
+    le_fields!(d, m, qh, qs);
 }
 
 impl GgufBlock for BlockQ8_0 {
@@ -778,19 +771,7 @@ impl GgufBlock for BlockQ8_0 {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.f16(self.d);
-        o.i8s(&self.qs);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            d: r.f16(),
-            qs: r.i8_array(),
-        }
-    }
+    le_fields!(d, qs);
 }
 
 impl GgufBlock for BlockIQ4_NL {
@@ -822,19 +803,7 @@ impl GgufBlock for BlockIQ4_NL {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.f16(self.d);
-        o.bytes(&self.qs);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            d: r.f16(),
-            qs: r.array(),
-        }
-    }
+    le_fields!(d, qs);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -906,23 +875,7 @@ impl GgufBlock for BlockQ2_K {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.bytes(&self.scales);
-        o.bytes(&self.qs);
-        o.f16(self.d);
-        o.f16(self.dmin);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            scales: r.array(),
-            qs: r.array(),
-            d: r.f16(),
-            dmin: r.f16(),
-        }
-    }
+    le_fields!(scales, qs, d, dmin);
 }
 
 /// The signed 6-bit scale (stored value minus 32) of sub-block `s` of Q3_K.
@@ -965,23 +918,7 @@ impl GgufBlock for BlockQ3_K {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.bytes(&self.hmask);
-        o.bytes(&self.qs);
-        o.bytes(&self.scales);
-        o.f16(self.d);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            hmask: r.array(),
-            qs: r.array(),
-            scales: r.array(),
-            d: r.f16(),
-        }
-    }
+    le_fields!(hmask, qs, scales, d);
 }
 
 impl GgufBlock for BlockQ4_K {
@@ -1012,23 +949,7 @@ impl GgufBlock for BlockQ4_K {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.f16(self.d);
-        o.f16(self.dmin);
-        o.bytes(&self.scales);
-        o.bytes(&self.qs);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            d: r.f16(),
-            dmin: r.f16(),
-            scales: r.array(),
-            qs: r.array(),
-        }
-    }
+    le_fields!(d, dmin, scales, qs);
 }
 
 impl GgufBlock for BlockQ5_K {
@@ -1061,25 +982,7 @@ impl GgufBlock for BlockQ5_K {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.f16(self.d);
-        o.f16(self.dmin);
-        o.bytes(&self.scales);
-        o.bytes(&self.qh);
-        o.bytes(&self.qs);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            d: r.f16(),
-            dmin: r.f16(),
-            scales: r.array(),
-            qh: r.array(),
-            qs: r.array(),
-        }
-    }
+    le_fields!(d, dmin, scales, qh, qs);
 }
 
 impl GgufBlock for BlockQ6_K {
@@ -1111,23 +1014,7 @@ impl GgufBlock for BlockQ6_K {
         }
     }
 
-    fn write_le(&self, out: &mut [u8]) {
-        let mut o = Writer::new(out, Self::TYPE_SIZE);
-        o.bytes(&self.ql);
-        o.bytes(&self.qh);
-        o.i8s(&self.scales);
-        o.f16(self.d);
-    }
-
-    fn read_le(bytes: &[u8]) -> Self {
-        let mut r = Reader::new(bytes, Self::TYPE_SIZE);
-        Self {
-            ql: r.array(),
-            qh: r.array(),
-            scales: r.i8_array(),
-            d: r.f16(),
-        }
-    }
+    le_fields!(ql, qh, scales, d);
 }
 
 // ---------------------------------------------------------------------------------------
