@@ -337,56 +337,31 @@ pub fn run_bert(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quanti
     }
     jt.eval += t0.elapsed().as_secs_f64();
 
-    let mut bits = 0.0;
-    let mut n_linear = 0u64;
-    for lp in &plan.layers {
-        let n = (lp.shape.0 * lp.shape.1) as u64;
-        n_linear += n;
-        bits += match quantized.get(&lp.name) {
-            Some(q) => q.bits().total_bits(),
-            None => 16.0 * n as f64,
-        };
-    }
     let total_params = bert_param_count(&bc);
-    let others = total_params.saturating_sub(n_linear);
-    let quantized_rel: Vec<f64> = layers
+    let n_linear: u64 = plan
+        .layers
         .iter()
-        .filter(|r| !r.skipped)
-        .map(|r| r.rel_output_error)
-        .collect();
-    let mut rep = QuantizeReport {
-        model: job.model.display().to_string(),
-        method: c.method.name().into(),
-        bits: plan.bits,
-        group_size: plan.group_size,
-        sym: c.sym,
-        act_order: c.act_order,
-        bits_per_weight: bits / n_linear.max(1) as f64,
-        size_bytes: (bits / 8.0).ceil() as u64 + 2 * others,
-        size_bytes_f16: 2 * total_params,
-        file_bytes: None,
-        seconds: t.total,
-        wall_seconds: 0.0,
-        timings: t,
-        job_timings: jt,
-        mean_rel_output_error: quantized_rel.iter().sum::<f64>()
-            / quantized_rel.len().max(1) as f64,
+        .map(|lp| (lp.shape.0 * lp.shape.1) as u64)
+        .sum();
+    let others = total_params.saturating_sub(n_linear);
+    let mut rep = QuantizeReport::assemble(
+        job,
+        &plan,
+        &|_, lp| quantized.get(&lp.name),
+        others,
+        t,
+        jt,
         layers,
-        ppl_before: None,
-        ppl_after: None,
-        embed_cosine,
-        eval: eval_facts,
-        calibration: CalibrationFacts {
+        CalibrationFacts {
             source: job.calibration.describe(),
             nsamples: seqs.len(),
             seqlen,
             seed: c.seed,
             tokens: seqs.iter().map(Vec::len).sum(),
         },
-        notes: plan.notes.clone(),
-        out: job.out.as_ref().map(|o| o.display().to_string()),
-        peak_rss_mb: quantlab_models::peak_rss_mb(),
-    };
+    );
+    rep.embed_cosine = embed_cosine;
+    rep.eval = eval_facts;
     if let Some(out) = &job.out {
         let t0 = Instant::now();
         rep.wall_seconds = t_job.elapsed().as_secs_f64();

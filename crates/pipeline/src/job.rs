@@ -470,56 +470,25 @@ pub fn run(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeRep
 
     // sizes
     let mc = src.model.config();
-    let mut bits_linear = 0.0;
-    let mut n_linear = 0u64;
-    for (lp, ql) in plan.layers.iter().zip(&out.layers) {
-        let n = (lp.shape.0 * lp.shape.1) as u64;
-        n_linear += n;
-        bits_linear += match &ql.linear {
-            Some(q) => q.bits().total_bits(),
-            None => 16.0 * n as f64,
-        };
-    }
     let others: u64 = src
         .others
         .iter()
         .filter(|(n, _)| !(n.as_str() == "lm_head.weight" && mc.tie_word_embeddings))
         .map(|(_, t)| t.elem_count() as u64)
         .sum();
-    let size_bytes = (bits_linear / 8.0).ceil() as u64 + 2 * others;
-    let size_bytes_f16 = 2 * (n_linear + others);
-    let quantized: Vec<f64> = out
-        .reports
-        .iter()
-        .filter(|r| !r.skipped && r.rel_output_error > 0.0)
-        .map(|r| r.rel_output_error)
-        .collect();
-    let mut report = QuantizeReport {
-        model: job.model.display().to_string(),
-        method: c.method.name().into(),
-        bits: plan.bits,
-        group_size: plan.group_size,
-        sym: c.sym,
-        act_order: c.act_order,
-        bits_per_weight: bits_linear / n_linear.max(1) as f64,
-        size_bytes,
-        size_bytes_f16,
-        file_bytes: None,
-        seconds: out.timings.total,
-        wall_seconds: 0.0,
-        timings: out.timings.clone(),
-        job_timings: jt,
-        mean_rel_output_error: quantized.iter().sum::<f64>() / quantized.len().max(1) as f64,
-        layers: out.reports.clone(),
-        ppl_before,
-        ppl_after,
-        embed_cosine: None,
-        eval: eval_facts,
-        calibration: calib.clone(),
-        notes: plan.notes.clone(),
-        out: job.out.as_ref().map(|o| o.display().to_string()),
-        peak_rss_mb: quantlab_models::peak_rss_mb(),
-    };
+    let mut report = QuantizeReport::assemble(
+        job,
+        &plan,
+        &|i, _| out.layers[i].linear.as_ref(),
+        others,
+        out.timings.clone(),
+        jt,
+        out.reports.clone(),
+        calib.clone(),
+    );
+    report.ppl_before = ppl_before;
+    report.ppl_after = ppl_after;
+    report.eval = eval_facts;
     if let Some(dir) = &job.out {
         let t0 = Instant::now();
         let kind = format!("{:?}", src.kind);

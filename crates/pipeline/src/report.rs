@@ -108,6 +108,67 @@ pub struct QuantizeReport {
 }
 
 impl QuantizeReport {
+    /// The parts of the report every architecture fills the same way, from the job and its
+    /// plan: bits per weight and sizes over the plan's linears (`linear(i, plan.layers[i])` is
+    /// the quantized linear `i`, `None` when it was left in full precision, counted as 16
+    /// bits a weight), with the `others` parameters outside them counted as f16; the mean relative output error over the linears that were
+    /// quantized (neither skipped nor left unchanged). Perplexity, evaluation and
+    /// `embed_cosine` start empty.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble<'q>(
+        job: &crate::QuantizeJob,
+        plan: &crate::Plan,
+        linear: &dyn Fn(usize, &crate::LayerPlan) -> Option<&'q quantlab_grids::QuantizedLinear>,
+        others: u64,
+        timings: Timings,
+        job_timings: JobTimings,
+        layers: Vec<LayerReport>,
+        calibration: CalibrationFacts,
+    ) -> Self {
+        let c = &job.config;
+        let mut bits_linear = 0.0;
+        let mut n_linear = 0u64;
+        for (i, lp) in plan.layers.iter().enumerate() {
+            let n = (lp.shape.0 * lp.shape.1) as u64;
+            n_linear += n;
+            bits_linear += match linear(i, lp) {
+                Some(q) => q.bits().total_bits(),
+                None => 16.0 * n as f64,
+            };
+        }
+        let quantized: Vec<f64> = layers
+            .iter()
+            .filter(|r| !r.skipped && r.rel_output_error > 0.0)
+            .map(|r| r.rel_output_error)
+            .collect();
+        Self {
+            model: job.model.display().to_string(),
+            method: c.method.name().into(),
+            bits: plan.bits,
+            group_size: plan.group_size,
+            sym: c.sym,
+            act_order: c.act_order,
+            bits_per_weight: bits_linear / n_linear.max(1) as f64,
+            size_bytes: (bits_linear / 8.0).ceil() as u64 + 2 * others,
+            size_bytes_f16: 2 * (n_linear + others),
+            file_bytes: None,
+            seconds: timings.total,
+            wall_seconds: 0.0,
+            timings,
+            job_timings,
+            mean_rel_output_error: quantized.iter().sum::<f64>() / quantized.len().max(1) as f64,
+            layers,
+            ppl_before: None,
+            ppl_after: None,
+            embed_cosine: None,
+            eval: None,
+            calibration,
+            notes: plan.notes.clone(),
+            out: job.out.as_ref().map(|o| o.display().to_string()),
+            peak_rss_mb: quantlab_models::peak_rss_mb(),
+        }
+    }
+
     /// One JSON object.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("the report serialises")
