@@ -8,7 +8,9 @@ With no notebook named, runs every notebooks/*.ipynb in name order. For each not
 * checks the committed file carries no outputs (run scripts/strip_notebooks.py otherwise);
 * executes it with nbclient, kernel "rust", the notebook's folder as working directory (so
   `:dep quantlab = { path = "../crates/quantlab" }` resolves), a generous per-cell timeout;
-* fails on the first cell error (exit status 1), printing the cell and the error;
+* fails on the first cell error (exit status 1), printing the cell and the error, and on a
+  cell whose output reports a Rust panic (evcxr catches a panicking cell, e.g. a failed
+  `assert!`, prints it and runs on without an error the executor could see);
 * checks that every cell tagged `figure` produced a rich output (image/*, image/svg+xml or
   text/html), and that a notebook whose code calls a plot or report helper produced at least
   one such output;
@@ -141,6 +143,17 @@ def cell_seconds(cell) -> float | None:
     return (parse(b) - parse(a)).total_seconds()
 
 
+def panic_text(cell) -> str:
+    """The stream output of a cell from the line that reports a Rust panic on, or ""."""
+    text = "".join(o.get("text", "") for o in cell.get("outputs", [])
+                   if o.get("output_type") == "stream")
+    at = text.find("panicked at")
+    if at < 0:
+        return ""
+    start = text.rfind("\n", 0, at) + 1
+    return text[start:start + 2000]
+
+
 def first_line(cell) -> str:
     for line in cell.source.splitlines():
         if line.strip():
@@ -184,6 +197,19 @@ def run_one(path: Path, out_dir: Path, timeout: int, startup_timeout: int) -> tu
     out_dir.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out_dir / path.name)
 
+    if ok:
+        # evcxr catches a panic in a cell (a failed assert!, an unwrap on an error), prints it
+        # to the cell's stderr and goes on to the next cell without reporting an error, so
+        # the executor sees success: look for the panic message ourselves.
+        panicked = [
+            f"cell {i} ({first_line(c)!r}): "
+            + " ".join([line.strip() for line in text.splitlines() if line.strip()][:2])
+            for i, c in enumerate(nb.cells) if c.cell_type == "code"
+            for text in [panic_text(c)] if text
+        ]
+        if panicked:
+            ok = False
+            print(f"FAIL {path.name}: a cell panicked:\n  " + "\n  ".join(panicked), flush=True)
     if ok:
         # Output checks: tagged cells must show a figure/table, and a notebook that calls the
         # plot/report helpers must show at least one.
