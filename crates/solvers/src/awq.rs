@@ -268,14 +268,15 @@ pub fn scaled_pseudo_quant(
 }
 
 /// The default score of a candidate: `sum_l tr(D_l H D_l^T) / (2 sum out)`.
-fn output_mse(linears: &[ArrayView2<f32>], Qs: &[Array2<f32>], H: &Array2<f32>) -> Result<f64> {
+/// (`h`: `H` in f64, row-major, checked.)
+fn output_mse(linears: &[ArrayView2<f32>], Qs: &[Array2<f32>], h: &[f64]) -> f64 {
     let mut num = 0.0;
     let mut rows = 0;
     for (W, Q) in linears.iter().zip(Qs) {
-        num += crate::metrics::output_error(*W, Q.view(), H.view())?;
+        num += crate::metrics::output_error_f64(*W, Q.view(), h);
         rows += W.nrows();
     }
-    Ok(num / (2.0 * rows as f64))
+    num / (2.0 * rows as f64)
 }
 
 /// The scale search alone: returns `(a, scales, loss per a)`. `loss`, when given, scores a
@@ -305,6 +306,14 @@ pub fn search_scales(
         });
     }
     let w_mean = weight_mean(linears, params.granularity)?;
+    // the default score's H, converted once for all candidates
+    let h64 = match loss {
+        Some(_) => Vec::new(),
+        None => {
+            crate::error::check_finite_view("hessian", stats.H.view())?;
+            crate::metrics::f64_row_major(stats.H.view())
+        }
+    };
     let mut best: Option<(f64, Array1<f32>, f64)> = None;
     let mut curve = Vec::with_capacity(params.n_grid);
     for i in 0..params.n_grid {
@@ -316,7 +325,7 @@ pub fn search_scales(
             .collect();
         let l = match loss.as_mut() {
             Some(f) => f(a, &s, &Qs),
-            None => output_mse(linears, &Qs, &stats.H)?,
+            None => output_mse(linears, &Qs, &h64),
         };
         curve.push((a, l));
         if best.as_ref().is_none_or(|b| l < b.2) {

@@ -112,11 +112,6 @@ pub fn upper_cholesky_of_inverse(H: &Mat<f64>, par: Par) -> Result<Mat<f64>, usi
     Ok(U)
 }
 
-/// Copy an f32 ndarray view into an f64 faer matrix.
-pub(crate) fn to_mat_f64(a: ArrayView2<f32>) -> Mat<f64> {
-    Mat::<f64>::from_fn(a.nrows(), a.ncols(), |i, j| a[[i, j]] as f64)
-}
-
 /// Factor `A = L L^T` (A = the reversed Hessian `J H J`) and return `L^-1` (lower). `Err(j)`
 /// names the failing pivot in the UNREVERSED order (`n - 1 - index`). Works in f32 or f64.
 pub(crate) fn inverse_factor_reversed<T>(mut A: Mat<T>, par: Par) -> Result<Mat<T>, usize>

@@ -6,28 +6,47 @@
 
 use crate::error::{check_finite_view, shape_err};
 use crate::{Result, SolverError};
-use faer::{Accum, Mat, Par};
+use faer::{Accum, MatMut, MatRef, Par};
 use ndarray::ArrayView2;
 
-/// `tr(A H A^T)` in f64 (one `[out, in] x [in, in]` product).
-fn quad_trace(A: &Mat<f64>, H: &Mat<f64>, par: Par) -> f64 {
-    let mut AH = Mat::<f64>::zeros(A.nrows(), A.ncols());
+/// `tr(D H D^T)` in f64 for row-major `D [rows, n]` and `H [n, n]`: one `[rows, n] x [n, n]`
+/// product (faer reads the row-major operands in place), then the sum of `D .* (D H)`.
+fn quad_trace(d: &[f64], h: &[f64], rows: usize, n: usize, par: Par) -> f64 {
+    let mut dh = vec![0f64; rows * n];
     faer::linalg::matmul::matmul(
-        AH.as_mut(),
+        MatMut::from_row_major_slice_mut(&mut dh, rows, n),
         Accum::Replace,
-        A.as_ref(),
-        H.as_ref(),
+        MatRef::from_row_major_slice(d, rows, n),
+        MatRef::from_row_major_slice(h, n, n),
         1.0,
         par,
     );
-    let mut s = 0.0;
-    for j in 0..A.ncols() {
-        let (a, ah) = (A.col(j), AH.col(j));
-        for i in 0..A.nrows() {
-            s += a[i] * ah[i];
-        }
-    }
-    s
+    d.iter().zip(&dh).map(|(a, b)| a * b).sum()
+}
+
+/// The values of `a` in f64, row-major.
+pub(crate) fn f64_row_major(a: ArrayView2<f32>) -> Vec<f64> {
+    a.iter().map(|&v| v as f64).collect()
+}
+
+/// `W - Q` in f64, row-major.
+fn diff_row_major(W: ArrayView2<f32>, Q: ArrayView2<f32>) -> Vec<f64> {
+    W.iter()
+        .zip(Q.iter())
+        .map(|(&w, &q)| w as f64 - q as f64)
+        .collect()
+}
+
+/// [`output_error`] with `H` already in f64 (row-major, from [`f64_row_major`]) and the
+/// shapes and values already checked: for callers that score many `Q` against one `H`.
+pub(crate) fn output_error_f64(W: ArrayView2<f32>, Q: ArrayView2<f32>, h: &[f64]) -> f64 {
+    quad_trace(
+        &diff_row_major(W, Q),
+        h,
+        W.nrows(),
+        W.ncols(),
+        Par::rayon(0),
+    )
 }
 
 fn check(W: ArrayView2<f32>, Q: ArrayView2<f32>, H: ArrayView2<f32>) -> Result<()> {
@@ -52,11 +71,7 @@ fn check(W: ArrayView2<f32>, Q: ArrayView2<f32>, H: ArrayView2<f32>) -> Result<(
 /// `tr(D H D^T)` with `D = W - Q`, in f64 (`= 2/n ||(W - Q) X^T||^2`).
 pub fn output_error(W: ArrayView2<f32>, Q: ArrayView2<f32>, H: ArrayView2<f32>) -> Result<f64> {
     check(W, Q, H)?;
-    let D = Mat::<f64>::from_fn(W.nrows(), W.ncols(), |i, j| {
-        W[[i, j]] as f64 - Q[[i, j]] as f64
-    });
-    let Hm = crate::linalg::to_mat_f64(H);
-    Ok(quad_trace(&D, &Hm, Par::rayon(0)))
+    Ok(output_error_f64(W, Q, &f64_row_major(H)))
 }
 
 /// The relative output error `tr(D H D^T) / tr(W H W^T)`, `D = W - Q`
@@ -74,13 +89,10 @@ pub fn output_error(W: ArrayView2<f32>, Q: ArrayView2<f32>, H: ArrayView2<f32>) 
 /// ```
 pub fn rel_output_error(W: ArrayView2<f32>, Q: ArrayView2<f32>, H: ArrayView2<f32>) -> Result<f64> {
     check(W, Q, H)?;
-    let Hm = crate::linalg::to_mat_f64(H);
-    let D = Mat::<f64>::from_fn(W.nrows(), W.ncols(), |i, j| {
-        W[[i, j]] as f64 - Q[[i, j]] as f64
-    });
-    let Wm = Mat::<f64>::from_fn(W.nrows(), W.ncols(), |i, j| W[[i, j]] as f64);
-    let num = quad_trace(&D, &Hm, Par::rayon(0));
-    let den = quad_trace(&Wm, &Hm, Par::rayon(0));
+    let h = f64_row_major(H);
+    let (rows, n) = W.dim();
+    let num = quad_trace(&diff_row_major(W, Q), &h, rows, n, Par::rayon(0));
+    let den = quad_trace(&f64_row_major(W), &h, rows, n, Par::rayon(0));
     if den.is_nan() || den <= 0.0 {
         return Err(SolverError::ZeroHessian {
             what: format!("rel_output_error (tr(W H W^T) = {den})"),
