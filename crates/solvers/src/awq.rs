@@ -236,19 +236,22 @@ fn pseudo_quant(W: ArrayView2<f32>, format: &dyn Format, granularity: Granularit
             Q.zip_mut_with(&W, |q, &w| *q = format.quantize(w, p));
         }
         _ => {
-            let mut buf = Vec::with_capacity(granularity.group_len(n));
-            for r in 0..out {
-                // the last group is short when g does not divide n
-                for gi in 0..granularity.n_groups(n) {
-                    let cols = granularity.group_range(gi, n);
-                    buf.clear();
-                    buf.extend(cols.clone().map(|k| W[[r, k]]));
-                    let p = format.fit(&buf);
-                    for (t, k) in cols.enumerate() {
-                        Q[[r, k]] = format.quantize(buf[t], p);
+            // rows in parallel; the last group is short when g does not divide n
+            use rayon::prelude::*;
+            let W = W.as_standard_layout();
+            let w = W.as_slice().expect("standard layout");
+            let q = Q.as_slice_mut().expect("fresh array");
+            q.par_chunks_mut(n.max(1))
+                .zip(w.par_chunks(n.max(1)))
+                .for_each(|(qrow, wrow)| {
+                    for gi in 0..granularity.n_groups(n) {
+                        let cols = granularity.group_range(gi, n);
+                        let p = format.fit(&wrow[cols.clone()]);
+                        for k in cols {
+                            qrow[k] = format.quantize(wrow[k], p);
+                        }
                     }
-                }
-            }
+                });
         }
     }
     Q
