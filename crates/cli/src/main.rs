@@ -35,7 +35,7 @@ enum Command {
     /// Quantize one linear layer from a safetensors file (`weight` + `inputs` or `hessian`)
     /// with rtn, gptq, obq or awq, and report its relative output error.
     Layer(layer::LayerArgs),
-    /// Benchmarks: `bench gptq --size N`.
+    /// Benchmarks: `bench gptq --size N`, `bench quantize --model M --method gptq`.
     Bench(bench::BenchArgs),
     /// Quantize every linear of a model's blocks (rtn, gptq, awq, awq+gptq, nf4, fp4, int8,
     /// fp8) and write the quantized model as a directory `eval`/`generate` load.

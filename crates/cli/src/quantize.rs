@@ -97,7 +97,12 @@ pub struct QuantizeArgs {
     /// sym, act_order, damp (e.g. 'down_proj:bits=8'); repeatable, later wins.
     #[arg(long = "override", value_name = "SPEC")]
     pub overrides: Vec<String>,
-    /// Calibration text (.txt, .jsonl, .parquet); default: the shipped prose.
+    /// Calibration text (.txt, .jsonl, .parquet), or `shipped` for the shipped prose.
+    /// Default: the shipped prose for gptq, awq and awq+gptq; none for the data-free methods
+    /// (rtn, nf4, fp4, int8, fp8), which then run no forward pass and report each linear's
+    /// error on its weights, as llama.cpp quantizes without `--imatrix`. Giving --calib to
+    /// one of them measures each linear's output error on it, and with `--format gguf:*`
+    /// weights each block's scale search by the inputs' importance (llama.cpp's imatrix).
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
     /// Field (jsonl) or column (parquet) of the calibration text.
@@ -135,7 +140,7 @@ pub struct QuantizeArgs {
     /// `bnb-int8` (LLM.int8; --method int8), or `gguf:<type>` with type q4_0, q4_1, q5_0,
     /// q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f32, f16 (one .gguf file for llama.cpp;
     /// --method gptq quantizes on the ggml block grid, K types on their 256-weight
-    /// super-blocks, --method rtn fits each block with the calibration imatrix; K-type rows
+    /// super-blocks, --method rtn with --calib fits each block with the calibration's imatrix; K-type rows
     /// that are not multiples of 256 fall back as llama.cpp does: Q4_K -> Q5_0, Q5_K -> Q5_1,
     /// Q6_K -> Q8_0, Q2_K / Q3_K -> IQ4_NL). Checked against the method before any work.
     #[arg(long, default_value = "quantlab", value_name = "FORMAT")]
@@ -202,11 +207,13 @@ fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
         model: crate::generate::resolve_model(&a.model)?,
         config,
         calibration: match &a.calib {
+            Some(p) if p.as_os_str() == "shipped" => Calibration::Shipped,
             Some(p) => Calibration::File {
                 path: p.clone(),
                 field: a.calib_field.clone(),
             },
-            None => Calibration::Shipped,
+            None if Method::from(a.method).needs_calibration() => Calibration::Shipped,
+            None => Calibration::None,
         },
         out: a.out.clone(),
         overwrite: a.overwrite,

@@ -26,6 +26,7 @@ pub use config::{Architecture, LlamaConfig, RopeScaling};
 pub use generate::{generate, generate_chat, GenerateParams, Generation};
 pub use linear::{DenseLinear, LazyLinear, Linear};
 pub use llama::{CaptureHook, KvCache, LlamaBlock, LlamaModel, BLOCK_LINEARS};
+pub use ops::{gemm_gflops, with_f32};
 pub use ppl::{peak_rss_mb, perplexity, perplexity_of_file, PplParams, PplReport};
 pub use tokenizer::{render_chat_template, ChatMessage, LlamaTokenizer};
 pub use weights::{GgufWeights, MemoryWeights, SafetensorsWeights, WeightSource};

@@ -8,8 +8,9 @@ use rayon::prelude::*;
 
 use crate::Result;
 
-/// Runs `f` on the contiguous f32 data of a CPU tensor.
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+/// Runs `f` on the contiguous f32 data of a CPU tensor, in place when the tensor is
+/// contiguous (no copy), else on a contiguous copy. Errors on another dtype or device.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = if t.is_contiguous() {
         t.clone()
     } else {
@@ -273,6 +274,27 @@ pub(crate) fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<
         faer::linalg::matmul::matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::rayon(0));
         c
     }
+}
+
+/// This machine's f32 GEMM rate through the forward's own product ([`matmul`], the kernel
+/// every linear of the forward runs): the best of `reps` products `[m, k] x [k, n]`, in
+/// GFLOP/s (`2 m k n` flops each), with the seconds of the best run. For benchmarks that
+/// report a phase's speed beside the machine's, measured in the same process.
+pub fn gemm_gflops(m: usize, k: usize, n: usize, reps: usize) -> (f64, f64) {
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 37 % 101) as f32) / 101.0 - 0.5)
+        .collect();
+    let b: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 53 % 97) as f32) / 97.0 - 0.5)
+        .collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        let c = matmul(&a, &b, m, k, n);
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(c);
+    }
+    (2.0 * (m * k * n) as f64 / best / 1e9, best)
 }
 
 /// `y = x W^T (+ bias)` with `wt = W^T` stored `[k, n]` row-major; `x` is `[m, k]`.

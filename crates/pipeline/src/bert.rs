@@ -45,7 +45,7 @@ use serde_json::{json, Value};
 
 use crate::calib::{draw_windows, Calibration};
 use crate::config::Plan;
-use crate::driver::{report, solve, to_array, to_tensor, LayerReport, Timings};
+use crate::driver::{report, solve, to_array, to_tensor, with_view, LayerReport, Timings};
 use crate::error::TensorContext;
 use crate::job::QuantizeJob;
 use crate::report::{CalibrationFacts, EvalFacts, JobTimings, QuantizeReport};
@@ -197,9 +197,9 @@ fn capture(
         if err.borrow().is_some() {
             return;
         }
-        let r = to_array(x).and_then(|X| {
+        let r = with_view(x, |X| {
             hs.borrow_mut()[p]
-                .add_batch(X.view(), 1)
+                .add_batch(X, 1)
                 .map_err(|e| PipelineError::solver(name, e))
         });
         if let Err(e) = r {
@@ -248,7 +248,12 @@ pub fn run_bert(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quanti
     let t0 = Instant::now();
     let seqlen = c.seqlen.min(bc.max_position_embeddings).max(3);
     enc.set_max_len(seqlen)?;
-    let seqs = calibration_sequences(&enc, &job.calibration, c.nsamples, seqlen, c.seed)?;
+    // BERT jobs always calibrate (the encoder is small): no calibration means the shipped prose
+    let calibration = match &job.calibration {
+        Calibration::None => Calibration::Shipped,
+        other => other.clone(),
+    };
+    let seqs = calibration_sequences(&enc, &calibration, c.nsamples, seqlen, c.seed)?;
     let data = batches(&seqs, c.batch_size, bc.pad_token_id)?;
     let sentences = eval_sentences(job)?;
     jt.calibration = t0.elapsed().as_secs_f64();
@@ -299,7 +304,7 @@ pub fn run_bert(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quanti
                 let H = hs[p].finish();
                 let ts = Instant::now();
                 let W = to_array(&enc.model().weight(&lp.name)?)?;
-                let (lin, rep) = solve(lp, c.method, c, W.view(), H.view())?;
+                let (lin, rep) = solve(lp, c.method, c, W.view(), Some(H.view()))?;
                 let Qw = lin.dequantize();
                 let rel = rel_output_error(W.view(), Qw.view(), H.view())
                     .map_err(|e| PipelineError::solver(&lp.name, e))?;
@@ -353,7 +358,7 @@ pub fn run_bert(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quanti
         jt,
         layers,
         CalibrationFacts {
-            source: job.calibration.describe(),
+            source: calibration.describe(),
             nsamples: seqs.len(),
             seqlen,
             seed: c.seed,

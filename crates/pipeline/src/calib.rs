@@ -31,6 +31,11 @@ pub enum Calibration {
     /// Strings given by the caller (like `GPTQConfig(dataset=[...])`), joined with blank
     /// lines before the windows are drawn.
     Texts(Vec<String>),
+    /// No calibration: only for methods whose weights do not depend on the data (RTN, NF4,
+    /// FP4, int8, FP8, and RTN on ggml grids without an importance matrix, as llama.cpp
+    /// quantizes without `--imatrix`). No forward pass is run; per-layer errors are then
+    /// measured on the weights. GPTQ and AWQ refuse it.
+    None,
 }
 
 impl Calibration {
@@ -42,6 +47,7 @@ impl Calibration {
             }
             Calibration::File { path, .. } => path.display().to_string(),
             Calibration::Texts(t) => format!("{} strings given by the caller", t.len()),
+            Calibration::None => "none (data-free)".into(),
         }
     }
 
@@ -51,6 +57,12 @@ impl Calibration {
             Calibration::Shipped => text::CALIBRATION_TEXT.to_string(),
             Calibration::File { path, field } => text::read_text(path, field.as_deref())?,
             Calibration::Texts(t) => t.join("\n\n"),
+            Calibration::None => {
+                return Err(PipelineError::option(
+                    "--calib",
+                    "no calibration text was given",
+                ))
+            }
         })
     }
 }
@@ -92,7 +104,7 @@ pub fn draw_windows(
         .collect())
 }
 
-/// Tokenizes the calibration text and draws the windows.
+/// Tokenizes the calibration text and draws the windows (none for [`Calibration::None`]).
 pub fn calibration_windows(
     tokenizer: &LlamaTokenizer,
     calib: &Calibration,
@@ -100,6 +112,9 @@ pub fn calibration_windows(
     seqlen: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
+    if *calib == Calibration::None {
+        return Ok(Vec::new());
+    }
     let text = calib.text()?;
     let tokens = tokenizer.encode(&text)?;
     draw_windows(&tokens, nsamples, seqlen, seed, &calib.describe())

@@ -773,7 +773,7 @@ impl QuantizeConfig {
             notes.push("awq+gptq: AWQ scales only (no clipping: GPTQ fits each group's range itself; add --mse for a range search), then true-sequential GPTQ on the scaled weights".into());
         }
         if !m.needs_calibration() {
-            notes.push(format!("{m}: the calibration data only measures each layer's output error (one capture per block)"));
+            notes.push(format!("{m}: data-free without calibration (errors measured on the weights); with calibration text it measures each layer's output error (one capture per block) and, on ggml grids, weights each block's scale by the inputs' importance"));
         }
         Ok(Plan {
             method: m,

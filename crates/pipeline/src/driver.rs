@@ -51,7 +51,8 @@ use quantlab_models::{CaptureHook, Linear, LlamaModel, BLOCK_LINEARS};
 use quantlab_solvers::awq::{self, AwqParams, AwqStats};
 use quantlab_solvers::gptq::{gptq, GptqParams};
 use quantlab_solvers::hessian::{Counting, Hessian};
-use quantlab_solvers::{rel_output_error, rtn::rtn, SolveReport};
+use quantlab_solvers::rtn::{rtn, rtn_imatrix};
+use quantlab_solvers::{rel_output_error, SolveReport};
 use serde::Serialize;
 
 use crate::config::{LayerPlan, Method, Plan, QuantizeConfig};
@@ -115,6 +116,9 @@ pub struct LayerReport {
     /// AWQ: the chosen exponent of the scale search that scaled this linear's input.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub awq_alpha: Option<f64>,
+    /// What `rel_output_error` was measured on: `"calibration"` (the Hessian of the inputs
+    /// this linear received) or `"weights"` (no calibration was run: `H = I`).
+    pub error_basis: &'static str,
 }
 
 /// A quantized linear as the driver leaves it.
@@ -173,6 +177,16 @@ pub fn to_array(t: &Tensor) -> Result<Array2<f32>> {
         .and_then(|t| t.to_vec1::<f32>())
         .ctx("tensor to array")?;
     Ok(Array2::from_shape_vec((r, c), v).expect("dims2 gave the size"))
+}
+
+/// Runs `f` on a `[rows, cols]` tensor's f32 data viewed as an ndarray, without a copy when
+/// the tensor is a contiguous f32 CPU tensor (the forward's activations are).
+pub(crate) fn with_view<R>(t: &Tensor, f: impl FnOnce(ArrayView2<f32>) -> Result<R>) -> Result<R> {
+    let (r, c) = t.dims2().ctx("tensor view")?;
+    let t = t.to_dtype(DType::F32).ctx("tensor view")?;
+    quantlab_models::with_f32(&t, |xs| {
+        f(ArrayView2::from_shape((r, c), xs).expect("dims2 gave the size"))
+    })?
 }
 
 /// An ndarray to a `[rows, cols]` f32 tensor on the CPU.
@@ -236,6 +250,35 @@ impl Capture {
         }
     }
 
+    /// AWQ's statistics of a batch: `sum |x|` per column (in f64, each column summed row by
+    /// row; column blocks in parallel) and every `stride`-th row for the clip search.
+    fn add_awq_rows(&mut self, X: ArrayView2<f32>, stride: usize) {
+        use rayon::prelude::*;
+        let d = X.ncols();
+        if self.abs_sum.is_empty() {
+            self.abs_sum = vec![0.0; d];
+        }
+        let xs = X.as_slice().expect("captured inputs are row-major");
+        const COLS: usize = 64;
+        self.abs_sum
+            .par_chunks_mut(COLS)
+            .enumerate()
+            .for_each(|(b, acc)| {
+                let (j0, n) = (b * COLS, acc.len());
+                for row in xs.chunks(d) {
+                    for (a, &v) in acc.iter_mut().zip(&row[j0..j0 + n]) {
+                        *a += v.abs() as f64;
+                    }
+                }
+            });
+        for row in X.rows() {
+            if self.rows_seen % stride == 0 {
+                self.clip_rows.extend(row.iter());
+            }
+            self.rows_seen += 1;
+        }
+    }
+
     fn awq_stats(&self) -> Result<AwqStats> {
         let d = self.H.dim();
         let t = self.H.tokens().max(1) as f64;
@@ -280,34 +323,21 @@ fn capture(
                 return;
             }
             let th = Instant::now();
-            let r = (|| -> Result<()> {
-                let k = names
-                    .iter()
-                    .position(|n| n == name)
-                    .map(|p| targets[p])
-                    .expect("hooked name");
-                let X = to_array(x)?;
+            let k = names
+                .iter()
+                .position(|n| n == name)
+                .map(|p| targets[p])
+                .expect("hooked name");
+            let r = with_view(x, |X| {
                 let mut caps = caps.borrow_mut();
                 let c = caps.get_mut(&k).expect("capture");
-                c.H.add_batch(X.view(), seqs)
+                c.H.add_batch(X, seqs)
                     .map_err(|e| PipelineError::solver(name, e))?;
                 if let Some(stride) = awq {
-                    let d = X.ncols();
-                    if c.abs_sum.is_empty() {
-                        c.abs_sum = vec![0.0; d];
-                    }
-                    for row in X.rows() {
-                        for (a, &v) in c.abs_sum.iter_mut().zip(row.iter()) {
-                            *a += v.abs() as f64;
-                        }
-                        if c.rows_seen % stride == 0 {
-                            c.clip_rows.extend(row.iter());
-                        }
-                        c.rows_seen += 1;
-                    }
+                    c.add_awq_rows(X, stride);
                 }
                 Ok(())
-            })();
+            });
             if let Err(e) = r {
                 *err.borrow_mut() = Some(e);
             }
@@ -400,13 +430,15 @@ fn set(model: &mut LlamaModel, name: &str, w: ArrayView2<f32>) -> Result<()> {
     Ok(())
 }
 
-/// Quantize one weight with the plan's solver: GPTQ for the GPTQ methods, RTN otherwise.
+/// Quantize one weight with the plan's solver: GPTQ for the GPTQ methods (which need `H`),
+/// RTN otherwise; on a ggml block grid RTN is importance-weighted by `diag(H)` when `H` is
+/// given (llama.cpp's imatrix), plain without it.
 pub(crate) fn solve(
     lp: &LayerPlan,
     method: Method,
     cfg: &QuantizeConfig,
     W: ArrayView2<f32>,
-    H: ArrayView2<f32>,
+    H: Option<ArrayView2<f32>>,
 ) -> Result<(QuantizedLinear, SolveReport)> {
     let (lin, rep) = if method.uses_gptq() {
         let p = GptqParams {
@@ -417,13 +449,12 @@ pub(crate) fn solve(
             granularity: lp.granularity,
             ..Default::default()
         };
+        let H = H.ok_or_else(|| {
+            PipelineError::option("calibration", format!("{}: GPTQ needs a Hessian", lp.name))
+        })?;
         gptq(W, H, &lp.spec, &p)
     } else if let quantlab_grids::FormatSpec::Ggml(grid) = lp.spec {
-        // llama.cpp's imatrix: block scales weighted by diag(X^T X) of the capture
-        let imp: Vec<f32> = H.diag().iter().map(|v| v.max(0.0)).collect();
-        quantlab_grids::ggml::quantize_ggml_weighted(&lp.name, W, grid, Some(&imp))
-            .map_err(quantlab_solvers::SolverError::from)
-            .and_then(|lin| rtn_report(W, H, lin))
+        rtn_imatrix(W, grid, H)
     } else {
         rtn(W, None, &lp.spec, lp.granularity)
     }
@@ -431,30 +462,6 @@ pub(crate) fn solve(
     let lin = match cfg.double_quant() {
         Some(dq) => lin.with_double_quant(dq)?,
         None => lin,
-    };
-    Ok((lin, rep))
-}
-
-/// The report of an importance-weighted RTN solve (`--format gguf:*` with `--method rtn`).
-fn rtn_report(
-    W: ArrayView2<f32>,
-    H: ArrayView2<f32>,
-    lin: QuantizedLinear,
-) -> quantlab_solvers::Result<(QuantizedLinear, SolveReport)> {
-    let Wq = lin.dequantize();
-    let loss = 0.5 * quantlab_solvers::output_error(W, Wq.view(), H)?;
-    let rep = SolveReport {
-        method: "rtn-imatrix".into(),
-        format: lin.spec.build().name(),
-        shape: W.dim(),
-        loss: Some(loss),
-        damp_percent: 0.0,
-        damp: 0.0,
-        damp_retries: Vec::new(),
-        dead_columns: 0,
-        seconds: 0.0,
-        order: None,
-        phases: Vec::new(),
     };
     Ok((lin, rep))
 }
@@ -488,6 +495,7 @@ pub(crate) fn report(
         seconds,
         bits_per_weight: lin.map_or(16.0, |l| l.bits_per_weight()),
         awq_alpha: None,
+        error_basis: "calibration",
     }
 }
 
@@ -534,10 +542,16 @@ pub fn quantize_model(
         ));
     }
     if windows.is_empty() {
-        return Err(PipelineError::option(
-            "calibration",
-            "no calibration windows",
-        ));
+        if cfg.method.needs_calibration() {
+            return Err(PipelineError::option(
+                "calibration",
+                format!(
+                    "{} needs calibration windows (its weights depend on the data)",
+                    cfg.method.name()
+                ),
+            ));
+        }
+        return quantize_data_free(model, plan, cfg, ctl, t_all);
     }
     let seqlen = windows[0].len();
     if windows.iter().any(|w| w.len() != seqlen) {
@@ -631,6 +645,78 @@ pub fn quantize_model(
         layers,
         reports,
         norm_scales,
+        timings: t,
+    })
+}
+
+/// RTN-like methods without calibration (as llama.cpp quantizes without an imatrix, and
+/// bitsandbytes always): every linear is rounded from its weights alone, no forward pass is
+/// run, and each report's `rel_output_error` is the relative error of the weights,
+/// `||W - Q||^2 / ||W||^2` (the output error for white inputs, `H = I`), marked by
+/// `error_basis: "weights"`.
+fn quantize_data_free(
+    model: &mut LlamaModel,
+    plan: &Plan,
+    cfg: &QuantizeConfig,
+    ctl: Control<'_>,
+    t_all: Instant,
+) -> Result<DriverOutput> {
+    let mut t = Timings::default();
+    let (_mp, bar_blocks, bar_layers) = bars(plan, model.n_blocks(), ctl.progress);
+    let mut layers = Vec::with_capacity(plan.layers.len());
+    let mut reports = Vec::with_capacity(plan.layers.len());
+    for lp in &plan.layers {
+        ctl.check()?;
+        if lp.skip {
+            layers.push(QuantizedLayer {
+                name: lp.name.clone(),
+                linear: None,
+                input_scale: None,
+                norm_scale: None,
+            });
+            reports.push(report(lp, None, None, 0.0, 0.0));
+            continue;
+        }
+        bar_layers.set_message(lp.name.clone());
+        let ts = Instant::now();
+        let W = weight_of(model, &lp.name)?;
+        let (lin, rep) = solve(lp, cfg.method, cfg, W.view(), None)?;
+        let Qw = lin.dequantize();
+        let (mut num, mut den) = (0f64, 0f64);
+        for (&w, &q) in W.iter().zip(Qw.iter()) {
+            num += ((w - q) as f64).powi(2);
+            den += (w as f64).powi(2);
+        }
+        install(model, cfg, &lp.name, Some(&lin), None, Qw.view())?;
+        let secs = ts.elapsed().as_secs_f64();
+        t.solver += secs;
+        let mut r = report(
+            lp,
+            Some(&lin),
+            Some(&rep),
+            num / den.max(f64::MIN_POSITIVE),
+            secs,
+        );
+        r.error_basis = "weights";
+        layers.push(QuantizedLayer {
+            name: lp.name.clone(),
+            linear: Some(lin),
+            input_scale: None,
+            norm_scale: None,
+        });
+        reports.push(r);
+        bar_layers.inc(1);
+        if lp.name.ends_with(BLOCK_LINEARS[DOWN]) {
+            bar_blocks.inc(1);
+        }
+    }
+    bar_layers.finish_and_clear();
+    bar_blocks.finish_and_clear();
+    t.total = t_all.elapsed().as_secs_f64();
+    Ok(DriverOutput {
+        layers,
+        reports,
+        norm_scales: BTreeMap::new(),
         timings: t,
     })
 }
@@ -804,9 +890,10 @@ impl GroupSolver<'_> {
         let dim = inputs.first().map_or(0, |x| x.dims()[x.rank() - 1]);
         let mut H = Hessian::new(dim).with_counting(Counting::Tokens);
         for (x, &b) in inputs.iter().zip(seqs) {
-            let X = to_array(x)?;
-            H.add_batch(X.view(), b)
-                .map_err(|e| PipelineError::solver(&self.lps[active[0]].name, e))?;
+            with_view(x, |X| {
+                H.add_batch(X, b)
+                    .map_err(|e| PipelineError::solver(&self.lps[active[0]].name, e))
+            })?;
         }
         t.hessian += th.elapsed().as_secs_f64();
         for &k in &active {
@@ -838,7 +925,7 @@ impl GroupSolver<'_> {
             Some((ws, _)) => ws[k].clone(),
             None => weight_of(model, &lp.name)?,
         };
-        let (lin, rep) = solve(lp, self.cfg.method, self.cfg, W.view(), H.view())?;
+        let (lin, rep) = solve(lp, self.cfg.method, self.cfg, W.view(), Some(H.view()))?;
         let mut Qw = lin.dequantize();
         let rel = rel_output_error(W.view(), Qw.view(), H.view())
             .map_err(|e| PipelineError::solver(&lp.name, e))?;
@@ -1223,7 +1310,7 @@ fn awq_quantize(
             }
             t.awq_search += tc.elapsed().as_secs_f64();
             let tq = Instant::now();
-            let (l, r) = solve(lp, cfg.method, cfg, Wq.view(), H.view())?;
+            let (l, r) = solve(lp, cfg.method, cfg, Wq.view(), Some(H.view()))?;
             mem = l.dequantize();
             rel = rel_output_error(Ws[k].view(), mem.view(), H.view())
                 .map_err(|e| PipelineError::solver(&lp.name, e))?;

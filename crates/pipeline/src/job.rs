@@ -95,6 +95,15 @@ pub fn check_files(job: &QuantizeJob) -> Result<()> {
             ));
         }
     }
+    if job.calibration == Calibration::None && job.config.method.needs_calibration() {
+        return Err(PipelineError::option(
+            "--calib",
+            format!(
+                "--method {} needs calibration text: pass --calib FILE (or `shipped` for the shipped prose)",
+                job.config.method.name()
+            ),
+        ));
+    }
     if let Calibration::Texts(t) = &job.calibration {
         if t.iter().all(|s| s.trim().is_empty()) {
             return Err(PipelineError::option(
@@ -228,7 +237,11 @@ pub fn dry_run(job: &QuantizeJob) -> Result<DryRun> {
     }
     let (mc, plan) = prepare(job)?;
     let c = &job.config;
-    let tokens = c.nsamples * c.seqlen;
+    let tokens = if job.calibration == Calibration::None {
+        0
+    } else {
+        c.nsamples * c.seqlen
+    };
     let (d, inter) = (mc.hidden_size as u64, mc.intermediate_size as u64);
     let params_linear: u64 = plan
         .layers
@@ -431,10 +444,10 @@ pub fn run(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeRep
     jt.calibration = t0.elapsed().as_secs_f64();
     let calib = CalibrationFacts {
         source: job.calibration.describe(),
-        nsamples: c.nsamples,
-        seqlen: c.seqlen,
+        nsamples: windows.len(),
+        seqlen: if windows.is_empty() { 0 } else { c.seqlen },
         seed: c.seed,
-        tokens: c.nsamples * c.seqlen,
+        tokens: windows.iter().map(Vec::len).sum(),
     };
 
     let t0 = Instant::now();

@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
 pub mod bert;
 pub mod calib;
 pub mod config;

@@ -247,11 +247,11 @@ pub(crate) fn write_dir_atomically(
 /// bytes a weight, the largest thing the save writes) are never in memory at once. A failure
 /// inside `make` is kept in `err` (the writer then gets zeros of the right length, and
 /// [`write_streamed`] reports the error, so the temporary directory is discarded).
-struct Streamed<'a> {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    make: Box<dyn Fn() -> Result<Vec<u8>> + 'a>,
-    err: &'a RefCell<Option<PipelineError>>,
+pub(crate) struct Streamed<'a> {
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) make: Box<dyn Fn() -> Result<Vec<u8>> + 'a>,
+    pub(crate) err: &'a RefCell<Option<PipelineError>>,
 }
 
 impl View for Streamed<'_> {
@@ -330,7 +330,7 @@ fn tensor_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>> {
 }
 
 /// Writes `entries` as one safetensors file, one tensor in memory at a time.
-fn write_streamed(
+pub(crate) fn write_streamed(
     path: &Path,
     entries: Vec<(String, Streamed<'_>)>,
     err: &RefCell<Option<PipelineError>>,

@@ -66,6 +66,8 @@ pub struct Hessian {
     /// `sum_t x_t x_t^T`, column-major `[dim, dim]` (full mode; only the lower triangle is
     /// read) or `sum_t x_t^2` (diagonal).
     S: Vec<f64>,
+    /// The f32 product of the last batch (reused between batches).
+    scratch: Vec<f32>,
     n: u64,
     tokens: u64,
 }
@@ -81,6 +83,7 @@ impl Hessian {
             par: Par::rayon(0),
             f64_products: false,
             S: vec![0.0; dim * dim],
+            scratch: Vec::new(),
             n: 0,
             tokens: 0,
         }
@@ -95,6 +98,7 @@ impl Hessian {
             par: Par::rayon(0),
             f64_products: false,
             S: vec![0.0; dim],
+            scratch: Vec::new(),
             n: 0,
             tokens: 0,
         }
@@ -159,7 +163,6 @@ impl Hessian {
         if t == 0 {
             return Ok(());
         }
-        check_finite_view("inputs", x)?;
         let m = match self.counting {
             Counting::Sequences => sequences,
             Counting::Tokens => t,
@@ -169,6 +172,9 @@ impl Hessian {
                 option: "sequences".into(),
                 detail: "a non-empty batch must count at least one sequence".into(),
             });
+        }
+        if self.diagonal_only || self.f64_products {
+            check_finite_view("inputs", x)?;
         }
         if self.diagonal_only {
             for row in x.rows() {
@@ -188,8 +194,11 @@ impl Hessian {
                 }
             };
             let Xt = MatRef::from_column_major_slice(xs, d, t);
-            let mut c = vec![0.0f32; d * d];
-            let C = faer::MatMut::from_column_major_slice_mut(&mut c, d, d);
+            // the product's scratch is kept between batches (a fresh d x d buffer per batch
+            // costs page faults and a memset comparable to a small product)
+            let c = &mut self.scratch;
+            c.resize(d * d, 0.0);
+            let C = faer::MatMut::from_column_major_slice_mut(c, d, d);
             triangular::matmul(
                 C,
                 BlockStructure::TriangularLower,
@@ -201,10 +210,27 @@ impl Hessian {
                 1.0f32,
                 self.par,
             );
+            // A NaN or infinite input makes its column's diagonal entry `sum x^2` non-finite:
+            // checking the d diagonal entries replaces a scan of the t x d inputs, which
+            // runs only to name the offending element.
+            if let Some(j) = (0..d).find(|&j| !c[j * d + j].is_finite()) {
+                check_finite_view("inputs", x)?;
+                return Err(crate::SolverError::InvalidOption {
+                    option: "inputs".into(),
+                    detail: format!(
+                        "sum of squares of input column {j} overflows f32 ({}): scale the inputs down",
+                        c[j * d + j]
+                    ),
+                });
+            }
             // column j of the lower triangle: rows j..d
             for j in 0..d {
-                for i in j..d {
-                    self.S[j * d + i] += c[j * d + i] as f64;
+                let (s, c) = (
+                    &mut self.S[j * d + j..(j + 1) * d],
+                    &c[j * d + j..(j + 1) * d],
+                );
+                for (s, &c) in s.iter_mut().zip(c) {
+                    *s += c as f64;
                 }
             }
         } else {

@@ -39,3 +39,41 @@ pub fn rtn(
     report.seconds = t0.elapsed().as_secs_f64();
     Ok((lin, report))
 }
+
+/// Importance-weighted RTN onto a ggml block grid (llama.cpp's `llama-quantize --imatrix`):
+/// each block's scale is searched for the least `sum_k imp_k (w_k - q_k)^2` with `imp` the
+/// importance of input column `k`, the diagonal of `H` when a Hessian is given (llama.cpp's
+/// importance matrix is `diag(X^T X)` up to a constant). Without `H`, the plain llama.cpp
+/// quantizer of the grid. The report's `loss` is `1/2 tr(D H D^T)` as in [`rtn`].
+///
+/// ```
+/// use ndarray::Array2;
+/// use quantlab_grids::GgmlGrid;
+/// let W = Array2::from_shape_fn((2, 64), |(r, k)| ((r * 64 + k) as f32 * 0.37).sin());
+/// let H = Array2::from_shape_fn((64, 64), |(i, j)| if i == j { 1.0 + (i % 5) as f32 } else { 0.0 });
+/// let (plain, _) = quantlab_solvers::rtn::rtn_imatrix(W.view(), GgmlGrid::Q4_0, None).unwrap();
+/// let (weighted, rep) = quantlab_solvers::rtn::rtn_imatrix(W.view(), GgmlGrid::Q4_0, Some(H.view())).unwrap();
+/// let err = |q: &quantlab_grids::QuantizedLinear| {
+///     let d = q.dequantize();
+///     W.indexed_iter().map(|((r, k), x)| H[[k, k]] * (x - d[[r, k]]).powi(2)).sum::<f32>()
+/// };
+/// assert!(err(&weighted) <= err(&plain) * (1.0 + 1e-6));
+/// assert_eq!(rep.method, "rtn-imatrix");
+/// ```
+pub fn rtn_imatrix(
+    W: ArrayView2<f32>,
+    grid: quantlab_grids::GgmlGrid,
+    H: Option<ArrayView2<f32>>,
+) -> Result<(QuantizedLinear, SolveReport)> {
+    let t0 = Instant::now();
+    let imp: Option<Vec<f32>> = H.map(|H| H.diag().iter().map(|v| v.max(0.0)).collect());
+    let lin = quantlab_grids::ggml::quantize_ggml_weighted("weight", W, grid, imp.as_deref())?;
+    let method = if H.is_some() { "rtn-imatrix" } else { "rtn" };
+    let mut report = SolveReport::new(method, lin.spec.build().name(), W.dim());
+    if let Some(H) = H {
+        let Q = lin.dequantize();
+        report.loss = Some(0.5 * crate::metrics::output_error(W, Q.view(), H)?);
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok((lin, report))
+}
