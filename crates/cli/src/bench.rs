@@ -100,6 +100,11 @@ pub struct BenchQuantizeArgs {
     /// Where synthetic models are written (default: the cache, ~/.cache/quantlab/synthetic).
     #[arg(long, value_name = "DIR")]
     pub synthetic_dir: Option<PathBuf>,
+    /// Also time a perplexity evaluation of the float model in the same process (windows of
+    /// --seqlen tokens of the shipped evaluation text), to compare the quantization with one
+    /// evaluation pass over as many tokens.
+    #[arg(long)]
+    pub eval_pass: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -151,7 +156,7 @@ fn run_bench_quantize(a: &BenchQuantizeArgs) -> Result<()> {
         None if method.needs_calibration() => Calibration::Shipped,
         None => Calibration::None,
     };
-    let r = bench_quantize(&job)?;
+    let r = bench_quantize(&job, a.eval_pass)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -10,6 +10,7 @@ mod eval;
 mod fetch;
 mod generate;
 mod inspect;
+mod interrupt;
 mod layer;
 mod quantize;
 
@@ -42,7 +43,23 @@ enum Command {
     Quantize(Box<quantize::QuantizeArgs>),
 }
 
+/// glibc returns every freed block of 128 KiB or more to the kernel (`munmap`), so each
+/// activation a forward allocates comes back as fresh pages that fault and are zeroed again:
+/// keeping blocks up to 32 MiB (glibc's ceiling for this threshold) on the heap, and the
+/// heap untrimmed, removed most of those faults (GPTQ on SmolLM2, 128 x 512 calibration:
+/// forward 75.7 s -> 72.8 s on 2 cores).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 fn main() -> Result<()> {
+    tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Fetch(a) => fetch::run_fetch(a),

@@ -239,7 +239,7 @@ pub fn run_quantize(a: QuantizeArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let cancel = pipeline::install_interrupt_handler();
+    let cancel = crate::interrupt::install();
     let report = pipeline::run(&job, Some(cancel))?;
     if a.json {
         println!("{}", report.to_json());

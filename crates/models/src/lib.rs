@@ -24,7 +24,7 @@ pub mod weights;
 pub use candle_core;
 pub use config::{Architecture, LlamaConfig, RopeScaling};
 pub use generate::{generate, generate_chat, GenerateParams, Generation};
-pub use linear::{DenseLinear, LazyLinear, Linear};
+pub use linear::{CodesLinear, DenseLinear, LazyLinear, Linear};
 pub use llama::{CaptureHook, KvCache, LlamaBlock, LlamaModel, BLOCK_LINEARS};
 pub use ops::{gemm_gflops, with_f32};
 pub use ppl::{peak_rss_mb, perplexity, perplexity_of_file, PplParams, PplReport};

@@ -185,3 +185,58 @@ impl Linear for LazyLinear {
         "lazy"
     }
 }
+
+/// A linear held as what a checkpoint stores, its codes and group parameters
+/// ([`quantlab_grids::QuantizedLinear`]), dequantized when used: about a byte per weight
+/// instead of four (the quantization driver's low-memory mode). `col_div` divides the input
+/// columns of the dequantized weight (AWQ's scale on the linears fed by a norm, whose
+/// in-memory weight is `Q(W diag(s)) diag(1/s)`).
+#[derive(Debug)]
+pub struct CodesLinear {
+    q: quantlab_grids::QuantizedLinear,
+    col_div: Option<Vec<f32>>,
+    bias: Option<Tensor>,
+}
+
+impl CodesLinear {
+    /// The quantized weight, an optional column divisor (one value per input column) and
+    /// the layer's bias.
+    pub fn new(
+        q: quantlab_grids::QuantizedLinear,
+        col_div: Option<Vec<f32>>,
+        bias: Option<Tensor>,
+    ) -> Self {
+        Self { q, col_div, bias }
+    }
+}
+
+impl Linear for CodesLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        DenseLinear::new(self.weight()?, self.bias.clone())?.forward(x)
+    }
+    fn in_features(&self) -> usize {
+        self.q.codes.ncols()
+    }
+    fn out_features(&self) -> usize {
+        self.q.codes.nrows()
+    }
+    fn weight(&self) -> Result<Tensor> {
+        let mut w = self.q.dequantize();
+        if let Some(s) = &self.col_div {
+            for mut row in w.rows_mut() {
+                for (v, d) in row.iter_mut().zip(s) {
+                    *v /= d;
+                }
+            }
+        }
+        let dims = w.dim();
+        let (v, _) = w.into_raw_vec_and_offset();
+        Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+    }
+    fn bias(&self) -> Option<Tensor> {
+        self.bias.clone()
+    }
+    fn kind(&self) -> &'static str {
+        "codes"
+    }
+}

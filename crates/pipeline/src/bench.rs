@@ -91,6 +91,15 @@ pub struct QuantizeBench {
     /// Hessian FLOPs (`d^2 t` per distinct input, the lower triangle of `X^T X`) over
     /// `hessian` seconds, GFLOP/s.
     pub hessian_gflops: Option<f64>,
+    /// With `eval_pass`: the perplexity evaluation's speed on the float model in the same
+    /// process (windows of `seqlen` tokens of the shipped evaluation text, at most
+    /// `nsamples` of them), tokens/s.
+    pub eval_tokens_per_second: Option<f64>,
+    /// `calibration_tokens / eval_tokens_per_second`: one evaluation pass over as many
+    /// tokens as the calibration, seconds.
+    pub eval_pass_seconds: Option<f64>,
+    /// `total_seconds / eval_pass_seconds`.
+    pub quantize_vs_eval: Option<f64>,
 }
 
 impl QuantizeBench {
@@ -135,15 +144,41 @@ impl QuantizeBench {
         if let Some(h) = self.hessian_gflops {
             s.push_str(&format!("  hessian      {h:9.1} GFLOP/s\n"));
         }
+        if let (Some(v), Some(e), Some(r)) = (
+            self.eval_tokens_per_second,
+            self.eval_pass_seconds,
+            self.quantize_vs_eval,
+        ) {
+            s.push_str(&format!(
+                "  eval         {v:9.0} tokens/s: one pass over the calibration's tokens {e:.1} s; quantize = {r:.2}x that\n"
+            ));
+        }
         s
     }
 }
 
-/// Runs `job` once, writing its checkpoint into a temporary path next to `job.out` (or in
-/// the system's temporary directory) that is removed afterwards, and times it.
-pub fn bench_quantize(job: &QuantizeJob) -> Result<QuantizeBench> {
+/// Runs `job` once, writing its checkpoint into a temporary path in the system's temporary
+/// directory that is removed afterwards, and times it. With `eval_pass`, first times a
+/// perplexity evaluation of the float model (see [`QuantizeBench::eval_pass_seconds`]).
+pub fn bench_quantize(job: &QuantizeJob, eval_pass: bool) -> Result<QuantizeBench> {
     let mc = read_config(&job.model)?;
     let c = &job.config;
+    let eval_tps = if eval_pass {
+        let src = crate::source::SourceModel::load_with(&job.model, c.lazy)?;
+        let text = quantlab_models::text::read_text(&quantlab_models::text::shipped_eval(), None)?;
+        let ids = src.tokenizer.encode(&text)?;
+        let r = quantlab_models::perplexity(
+            &src.model,
+            &ids,
+            &quantlab_models::PplParams {
+                ctx: c.seqlen.max(2),
+                max_windows: Some(c.nsamples.max(1)),
+            },
+        )?;
+        Some(r.tokens_per_second)
+    } else {
+        None
+    };
     let scratch = scratch_path(c.format.writes_file());
     let mut job = job.clone();
     job.out = Some(scratch.clone());
@@ -210,6 +245,9 @@ pub fn bench_quantize(job: &QuantizeJob) -> Result<QuantizeBench> {
         forward_gflops,
         forward_vs_gemm: forward_gflops.map(|g| g / gemm_gflops),
         hessian_gflops,
+        eval_tokens_per_second: eval_tps,
+        eval_pass_seconds: eval_tps.map(|v| tokens as f64 / v),
+        quantize_vs_eval: eval_tps.map(|v| total_seconds / (tokens as f64 / v)),
     })
 }
 

@@ -349,7 +349,7 @@ pub struct QuantizeConfig {
     pub format: crate::export::ExportFormat,
     /// Low memory (`--lazy`): the block linears stay in the memory-mapped model file until
     /// their block is quantized ([`crate::source::SourceModel::load_with`]), and each quantized
-    /// linear is kept as its codes and group parameters ([`crate::driver::CodesLinear`],
+    /// linear is kept as its codes and group parameters ([`quantlab_models::CodesLinear`],
     /// dequantized when used) rather than as f32. Resident memory is then about the
     /// embeddings, one block in f32, the codes, and one block's calibration activations, so
     /// a model larger than half the RAM still quantizes; evaluation of the result is slower

@@ -52,25 +52,3 @@ pub use export::ExportFormat;
 pub use job::{dry_run, prepare, run, DryRun, EvalSpec, QuantizeJob};
 pub use report::QuantizeReport;
 pub use save::{load_quantized, save_quantized, QuantizedCheckpoint};
-
-use std::sync::atomic::{AtomicBool, Ordering};
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    if INTERRUPTED.swap(true, Ordering::SeqCst) {
-        // a second Ctrl-C: give up at once
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(130) };
-    }
-}
-
-/// Installs a Ctrl-C (SIGINT) handler that sets the returned flag; pass it to [`job::run`],
-/// which stops at the next layer boundary and writes nothing. A second Ctrl-C exits at once.
-pub fn install_interrupt_handler() -> &'static AtomicBool {
-    // SAFETY: the handler only touches an atomic and calls the async-signal-safe _exit.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-    }
-    &INTERRUPTED
-}

@@ -189,7 +189,10 @@ fn bench_quantize_times_a_synthetic_model_and_removes_its_output() {
     };
     let mut job = QuantizeJob::new(&dir, cfg);
     job.calibration = Calibration::Texts(support::prose());
-    let r = bench_quantize(&job).unwrap();
+    let r = bench_quantize(&job, true).unwrap();
+    let e = r.eval_tokens_per_second.unwrap();
+    assert!(e > 0.0);
+    assert!((r.eval_pass_seconds.unwrap() - 128.0 / e).abs() < 1e-9);
     assert_eq!(r.calibration_tokens, 4 * 32);
     assert!(r.forward > 0.0 && r.hessian > 0.0 && r.solve > 0.0 && r.save > 0.0);
     let p = &r.phases;
