@@ -80,6 +80,28 @@ fn hessian_rejects_bad_batches() {
     let e = h.add_batch(x.view(), 1).unwrap_err();
     assert!(e.to_string().contains("inputs"), "{e}");
     assert!(h.add_batch(Array2::<f32>::ones((2, 3)).view(), 0).is_err());
+    // an infinity anywhere (found from the product's diagonal, then named by a scan), and a
+    // finite input whose square overflows f32, are refused; a refused batch adds nothing
+    for (r, c, v) in [
+        (0, 2, f32::INFINITY),
+        (1, 0, f32::NEG_INFINITY),
+        (1, 2, 3e19),
+    ] {
+        let mut h = Hessian::new(3);
+        h.add_batch(Array2::<f32>::ones((4, 3)).view(), 1).unwrap();
+        let before = h.finish();
+        let mut x = Array2::<f32>::ones((2, 3));
+        x[[r, c]] = v;
+        let e = h.add_batch(x.view(), 1).unwrap_err().to_string();
+        assert!(e.contains("inputs"), "{e}");
+        if v.is_finite() {
+            assert!(e.contains("column 2") && e.contains("overflows"), "{e}");
+        } else {
+            assert!(e.contains(&format!("flat index {}", r * 3 + c)), "{e}");
+        }
+        assert_eq!(h.finish(), before);
+        assert_eq!(h.tokens(), 4);
+    }
 }
 
 /// tr(D H D^T) / tr(W H W^T) equals ||(W - Q) X^T||^2 / ||W X^T||^2 computed from X.
