@@ -15,7 +15,8 @@ use safetensors::Dtype;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::job::{run, QuantizeJob};
+use crate::job::QuantizeJob;
+use crate::run;
 use crate::save::{write_streamed, Streamed};
 use crate::source::read_config;
 use crate::{PipelineError, Result};

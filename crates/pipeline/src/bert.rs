@@ -61,23 +61,7 @@ const OUT: usize = 5;
 /// True-sequential groups of a BERT layer.
 const GROUPS: [&[usize]; 4] = [&[Q, K, V], &[ATTN_OUT], &[INTER], &[OUT]];
 
-/// Whether `path` is a directory whose `config.json` describes a BERT model
-/// (`model_type: "bert"` or a `Bert*` architecture).
-pub fn is_bert_dir(path: &Path) -> bool {
-    let Ok(s) = std::fs::read_to_string(path.join("config.json")) else {
-        return false;
-    };
-    let Ok(v) = serde_json::from_str::<Value>(&s) else {
-        return false;
-    };
-    v.get("model_type").and_then(Value::as_str) == Some("bert")
-        || v.get("architectures")
-            .and_then(Value::as_array)
-            .is_some_and(|a| {
-                a.iter()
-                    .any(|x| x.as_str().is_some_and(|s| s.starts_with("Bert")))
-            })
-}
+pub use crate::source::is_bert_dir;
 
 /// The plan of a BERT model: its `6 x layers` linears in forward order.
 pub fn plan_bert(job: &QuantizeJob, bc: &BertConfig) -> Result<Plan> {

@@ -16,157 +16,14 @@
 //! embeddings, the final norm and `lm_head` are never quantized: they are not linears of the
 //! blocks.
 
-use std::fmt;
-
 use quantlab_grids::{DoubleQuant, FormatSpec, Fp8Kind, Granularity, MseClip, UniformGrid};
 use quantlab_models::{LlamaConfig, BLOCK_LINEARS};
 use serde::Serialize;
 
+use crate::format::{grid_of, is_k_type, k_fallback, type_for_row, ExportFormat};
 use crate::{PipelineError, Result};
 
-/// A whole-model quantization method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub enum Method {
-    /// Round to nearest on a uniform integer grid.
-    #[serde(rename = "rtn")]
-    Rtn,
-    /// GPTQ (blocked, Cholesky of `H^-1`), true-sequential.
-    #[serde(rename = "gptq")]
-    Gptq,
-    /// AWQ scale search on the block output, clip search, then RTN.
-    #[serde(rename = "awq")]
-    Awq,
-    /// AWQ scaling, then GPTQ on the scaled weights.
-    #[serde(rename = "awq+gptq")]
-    AwqGptq,
-    /// NF4 codebook with absmax per group (QLoRA / bitsandbytes).
-    #[serde(rename = "nf4")]
-    Nf4,
-    /// bitsandbytes FP4 codebook with absmax per group.
-    #[serde(rename = "fp4")]
-    Fp4,
-    /// LLM.int8(): absmax int8 per row; outlier decomposition at run time.
-    #[serde(rename = "int8")]
-    Int8,
-    /// FP8 E4M3 with a scale per output channel.
-    #[serde(rename = "fp8")]
-    Fp8,
-}
-
-impl Method {
-    /// Every method, in the order of `--help`.
-    pub const ALL: [Method; 8] = [
-        Method::Rtn,
-        Method::Gptq,
-        Method::Awq,
-        Method::AwqGptq,
-        Method::Nf4,
-        Method::Fp4,
-        Method::Int8,
-        Method::Fp8,
-    ];
-
-    /// The name used on the command line and in files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Rtn => "rtn",
-            Method::Gptq => "gptq",
-            Method::Awq => "awq",
-            Method::AwqGptq => "awq+gptq",
-            Method::Nf4 => "nf4",
-            Method::Fp4 => "fp4",
-            Method::Int8 => "int8",
-            Method::Fp8 => "fp8",
-        }
-    }
-
-    /// Parses a method name.
-    ///
-    /// ```
-    /// use quantlab_pipeline::Method;
-    /// assert_eq!(Method::parse("awq+gptq").unwrap(), Method::AwqGptq);
-    /// assert!(Method::parse("bogus").unwrap_err().to_string().contains("rtn, gptq"));
-    /// ```
-    pub fn parse(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s.to_ascii_lowercase())
-            .ok_or_else(|| {
-                PipelineError::option(
-                    "--method",
-                    format!(
-                        "unknown method `{s}`; use one of {}",
-                        Self::ALL.map(|m| m.name()).join(", ")
-                    ),
-                )
-            })
-    }
-
-    /// Whether the method runs GPTQ (and so takes `--act-order`, `--damp`, ...).
-    pub fn uses_gptq(self) -> bool {
-        matches!(self, Method::Gptq | Method::AwqGptq)
-    }
-
-    /// Whether the method runs the AWQ searches.
-    pub fn uses_awq(self) -> bool {
-        matches!(self, Method::Awq | Method::AwqGptq)
-    }
-
-    /// Whether the method's weights depend on the calibration data (RTN-like methods use it
-    /// only to measure the output error).
-    pub fn needs_calibration(self) -> bool {
-        self.uses_gptq() || self.uses_awq()
-    }
-
-    /// Whether the format is a uniform integer grid.
-    pub fn is_uniform(self) -> bool {
-        matches!(
-            self,
-            Method::Rtn | Method::Gptq | Method::Awq | Method::AwqGptq
-        )
-    }
-
-    /// Bits used when `--bits` is not given.
-    pub fn default_bits(self) -> u32 {
-        match self {
-            Method::Int8 | Method::Fp8 => 8,
-            _ => 4,
-        }
-    }
-
-    /// Group size used when `--group-size` is not given (`-1` = per row).
-    pub fn default_group_size(self) -> i64 {
-        match self {
-            Method::Nf4 | Method::Fp4 => 64,
-            Method::Int8 | Method::Fp8 => -1,
-            _ => 128,
-        }
-    }
-
-    /// The bit widths the method supports, for error messages.
-    pub fn supported_bits(self) -> &'static str {
-        match self {
-            Method::Nf4 | Method::Fp4 => "4",
-            Method::Int8 | Method::Fp8 => "8",
-            _ => "2 to 8",
-        }
-    }
-
-    fn supports_bits(self, bits: u32) -> bool {
-        match self {
-            Method::Nf4 | Method::Fp4 => bits == 4,
-            Method::Int8 | Method::Fp8 => bits == 8,
-            _ => (2..=8).contains(&bits),
-        }
-    }
-}
-
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::method::Method;
 
 /// One `--override`: a pattern and the settings it changes.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -346,7 +203,7 @@ pub struct QuantizeConfig {
     /// GPTQ, AWQ, bitsandbytes or GGUF ([`crate::export::ExportFormat`]). Checked against the
     /// method in [`QuantizeConfig::validate`]; GGUF and GPTQ-onto-bitsandbytes change the
     /// number format the driver quantizes onto ([`QuantizeConfig::spec`]).
-    pub format: crate::export::ExportFormat,
+    pub format: ExportFormat,
     /// Low memory (`--lazy`): the block linears stay in the memory-mapped model file until
     /// their block is quantized ([`crate::source::SourceModel::load_with`]), and each quantized
     /// linear is kept as its codes and group parameters ([`quantlab_models::CodesLinear`],
@@ -380,7 +237,7 @@ impl Default for QuantizeConfig {
             true_sequential: true,
             awq_samples: 16,
             awq_fold_only: false,
-            format: crate::export::ExportFormat::Quantlab,
+            format: ExportFormat::Quantlab,
             lazy: false,
         }
     }
@@ -665,7 +522,7 @@ impl QuantizeConfig {
                 mc.num_key_value_heads, mc.num_attention_heads
             ));
         }
-        crate::export::adjust_plan(self, &mut plan)?;
+        adjust_plan(self, &mut plan)?;
         Ok(plan)
     }
 
@@ -809,4 +666,210 @@ impl QuantizeConfig {
     pub fn double_quant(&self) -> Option<DoubleQuant> {
         self.double_quant.then(DoubleQuant::default)
     }
+}
+
+impl ExportFormat {
+    /// Checks the format against the method and options (no model needed); called by
+    /// [`QuantizeConfig::validate`], so before any work.
+    pub fn check_config(&self, c: &QuantizeConfig) -> Result<()> {
+        let m = c.method;
+        let f = self.name();
+        let bad = |d: String| Err(PipelineError::option("--format", format!("{f}: {d}")));
+        let bits = c.bits.unwrap_or(m.default_bits());
+        let shape_overrides = c
+            .overrides
+            .iter()
+            .find(|o| o.bits.is_some() || o.group_size.is_some() || o.sym.is_some());
+        match self {
+            Self::Quantlab => Ok(()),
+            Self::Gptq | Self::GptqV2 | Self::Awq => {
+                if !m.is_uniform() {
+                    return bad(format!("stores uniform integer codes: use --method rtn, gptq, awq or awq+gptq, not {m}"));
+                }
+                if let Some(o) = shape_overrides {
+                    return bad(format!("one bits / group size / sym for the whole checkpoint: the override `{}` changes them", o.pattern));
+                }
+                if *self == Self::Awq {
+                    if bits != 4 {
+                        return bad(format!("AWQ GEMM packs 4-bit codes, not {bits}"));
+                    }
+                    if c.act_order {
+                        return bad("AWQ GEMM has no g_idx: groups are consecutive columns; drop --act-order (or write gptq)".into());
+                    }
+                } else if ![2, 3, 4, 8].contains(&bits) {
+                    return bad(format!("GPTQ packs 2, 3, 4 or 8 bits, not {bits}"));
+                }
+                if *self == Self::Gptq && !c.sym {
+                    return bad("v1 stores `zero - 1`, so an asymmetric group whose zero point is 0 (all its weights >= 0) cannot be stored; write --format gptq_v2 (raw zeros) or use a symmetric grid".into());
+                }
+                Ok(())
+            }
+            Self::BnbNf4 | Self::BnbFp4 => {
+                let own = if *self == Self::BnbNf4 {
+                    Method::Nf4
+                } else {
+                    Method::Fp4
+                };
+                if m != own && m != Method::Gptq {
+                    return bad(format!("stores {own} codes: use --method {own} (round to nearest) or --method gptq (GPTQ on the {own} grid), not {m}"));
+                }
+                if m == Method::Gptq {
+                    if bits != 4 {
+                        return bad(format!("4-bit codes, not {bits}"));
+                    }
+                    if !c.sym || c.mse {
+                        return bad(
+                            "the codebook has no zero point or range search: drop --asym / --mse"
+                                .into(),
+                        );
+                    }
+                    if c.act_order && !c.static_groups {
+                        return bad("bitsandbytes blocks are consecutive runs of weights: act-order needs --static-groups".into());
+                    }
+                }
+                if let Some(o) = shape_overrides {
+                    return bad(format!(
+                        "one blocksize for the whole checkpoint: the override `{}` changes it",
+                        o.pattern
+                    ));
+                }
+                Ok(())
+            }
+            Self::BnbInt8 => {
+                if m != Method::Int8 {
+                    return bad(format!("stores LLM.int8 rows: use --method int8, not {m}"));
+                }
+                Ok(())
+            }
+            Self::Gguf(t) => {
+                if !matches!(m, Method::Rtn | Method::Gptq) {
+                    return bad(format!("GGUF blocks are written from --method rtn (with the calibration imatrix) or --method gptq (on the block grid), not {m}"));
+                }
+                if !t.is_quantized() && m != Method::Rtn {
+                    return bad("a float GGUF quantizes nothing: use --method rtn".into());
+                }
+                if c.bits.is_some() {
+                    return bad(
+                        "the GGUF type decides the bits: drop --bits (e.g. gguf:q5_0 for 5 bits)"
+                            .into(),
+                    );
+                }
+                if let Some(g) = c.group_size {
+                    if g != 32 {
+                        return bad(format!("ggml blocks are groups of 32 columns, not {g}"));
+                    }
+                }
+                if !c.sym {
+                    return bad("the GGUF type decides the zero point (q4_1 / q5_1 store a minimum): drop --asym".into());
+                }
+                if c.mse {
+                    return bad(
+                        "the block scales are ggml's fit (or the imatrix search): drop --mse"
+                            .into(),
+                    );
+                }
+                if c.act_order && !c.static_groups {
+                    return bad("ggml blocks are consecutive runs of 32 columns: act-order needs --static-groups".into());
+                }
+                if let Some(o) = shape_overrides {
+                    return bad(format!(
+                        "the type decides bits and groups: the override `{}` changes them",
+                        o.pattern
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Fixes the plan for the format (after the method's defaults): per-layer GGUF grids (K
+/// types: the K grid with groups of its sub-blocks for rows that are multiples of 256, the
+/// fallback grid for shorter rows), and the shape checks the format needs, each naming the
+/// linear.
+pub(crate) fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
+    let f = c.format;
+    let fname = f.name();
+    let bad = |name: &str, d: String| {
+        Err(PipelineError::option(
+            "--format",
+            format!("{fname}: linear `{name}` {d}"),
+        ))
+    };
+    let mut k_layers = 0;
+    for lp in plan.layers.iter_mut() {
+        let (out, inp) = lp.shape;
+        match f {
+            ExportFormat::Quantlab | ExportFormat::BnbInt8 => {}
+            ExportFormat::Gptq | ExportFormat::GptqV2 => {
+                if !lp.skip && (inp % 32 != 0 || out % 32 != 0) {
+                    return bad(&lp.name, format!("is [out, in] = [{out}, {inp}]: GPTQ checkpoints need both multiples of 32 (--skip it or write another format)"));
+                }
+            }
+            ExportFormat::Awq => {
+                let g = lp.granularity.group_len(inp);
+                if !lp.skip && (inp % g != 0 || out % 8 != 0) {
+                    return bad(&lp.name, format!("is [out, in] = [{out}, {inp}]: AWQ GEMM needs in % group_size == 0 (group {g}) and out % 8 == 0"));
+                }
+            }
+            ExportFormat::BnbNf4 | ExportFormat::BnbFp4 => {
+                let g = lp.granularity.group_len(inp);
+                if !lp.skip && inp % g != 0 {
+                    return bad(
+                        &lp.name,
+                        format!(
+                            "has {inp} input columns: bitsandbytes blocks of {g} must divide them"
+                        ),
+                    );
+                }
+            }
+            ExportFormat::Gguf(t) => {
+                if !t.is_quantized() {
+                    lp.skip = true;
+                    continue;
+                }
+                if lp.skip {
+                    continue;
+                }
+                let lt = type_for_row(t, inp);
+                if inp % 32 != 0 {
+                    return bad(
+                        &lp.name,
+                        format!("has rows of {inp} values: ggml blocks need a multiple of 32"),
+                    );
+                }
+                let Some(g) = grid_of(lt) else {
+                    return bad(&lp.name, format!("cannot be quantized to {}", lt.name()));
+                };
+                if g.is_k() {
+                    k_layers += 1;
+                }
+                lp.spec = FormatSpec::Ggml(g);
+                lp.granularity = Granularity::Group(g.group_len());
+                lp.group_size = g.group_len() as i64;
+                lp.bits = quantlab_grids::Format::code_bits(&g);
+                lp.sym = true;
+            }
+        }
+    }
+    if let ExportFormat::Gguf(t) = f {
+        if !t.is_quantized() {
+            plan.notes.push(format!(
+                "{fname}: nothing is quantized; every tensor is written as {}",
+                t.name()
+            ));
+        } else if is_k_type(t) {
+            let fb = k_fallback(t);
+            plan.notes.push(format!(
+                "{fname}: {k_layers} linears with rows of whole 256-blocks are quantized on the {} grid (each super-block's d, dmin and sub-block scales fitted together, {} method), the others on the {} grid (llama.cpp's fallback)",
+                t.name(),
+                c.method,
+                fb.name(),
+            ));
+        }
+        if c.method == Method::Rtn && t.is_quantized() {
+            plan.notes.push(format!("{fname}: rtn fits each block's scale with the importance matrix diag(X^T X) of the calibration capture (llama.cpp's imatrix)"));
+        }
+    }
+    Ok(())
 }

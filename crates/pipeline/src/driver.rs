@@ -44,7 +44,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use quantlab_grids::QuantizedLinear;
@@ -54,10 +54,11 @@ use quantlab_solvers::gptq::{gptq, GptqParams};
 use quantlab_solvers::hessian::{Counting, Hessian};
 use quantlab_solvers::rtn::{rtn, rtn_imatrix};
 use quantlab_solvers::{rel_output_error, SolveReport};
-use serde::Serialize;
 
 use crate::config::{LayerPlan, Method, Plan, QuantizeConfig};
 use crate::error::TensorContext;
+pub use crate::report::{LayerReport, QuantizedLayer, Timings};
+pub use crate::tensors::{to_array, to_tensor, with_view};
 use crate::{PipelineError, Result};
 
 /// Indices into [`BLOCK_LINEARS`].
@@ -68,74 +69,6 @@ const O: usize = 3;
 const GATE: usize = 4;
 const UP: usize = 5;
 const DOWN: usize = 6;
-
-/// Where the seconds went.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Timings {
-    /// Embedding and block forwards (captures and the re-runs that give the next inputs).
-    pub forward: f64,
-    /// Converting captured inputs and accumulating the Hessians / AWQ statistics.
-    pub hessian: f64,
-    /// The layer solvers (GPTQ, RTN, AWQ quantization) and the error measurement.
-    pub solver: f64,
-    /// AWQ scale and clip searches (their forwards included).
-    pub awq_search: f64,
-    /// Everything in the driver.
-    pub total: f64,
-}
-
-/// The result of one linear.
-#[derive(Clone, Debug, Serialize)]
-pub struct LayerReport {
-    /// Full name.
-    pub name: String,
-    /// `(out, in)`.
-    pub shape: (usize, usize),
-    /// Left in full precision.
-    pub skipped: bool,
-    /// The format's name (`int4-sym`, `nf4`, ...).
-    pub format: String,
-    /// Bit width of the codes.
-    pub bits: u32,
-    /// Group size (`-1` = per row).
-    pub group_size: i64,
-    /// `tr(D H D^T) / tr(W H W^T)` with the captured (undamped) `H`; for AWQ in the scaled
-    /// domain (`W diag(s)` against inputs `x / s`), which is the same number for linears fed
-    /// by a norm.
-    pub rel_output_error: f64,
-    /// Absolute damping used (GPTQ; 0 otherwise).
-    pub damp: f64,
-    /// Damping fraction used after retries.
-    pub damp_percent: f64,
-    /// Number of automatic damping retries.
-    pub damp_retries: usize,
-    /// Solver seconds.
-    pub seconds: f64,
-    /// Bits per weight, codes + parameters + non-trivial `g_idx` (16 for skipped linears,
-    /// counted as f16).
-    pub bits_per_weight: f64,
-    /// AWQ: the chosen exponent of the scale search that scaled this linear's input.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub awq_alpha: Option<f64>,
-    /// What `rel_output_error` was measured on: `"calibration"` (the Hessian of the inputs
-    /// this linear received) or `"weights"` (no calibration was run: `H = I`).
-    pub error_basis: &'static str,
-}
-
-/// A quantized linear as the driver leaves it.
-#[derive(Clone, Debug)]
-pub struct QuantizedLayer {
-    /// Full name.
-    pub name: String,
-    /// The codes and parameters (`None` when skipped, or for AWQ fold-only runs). For AWQ
-    /// these are the codes of the scaled weight `W'`.
-    pub linear: Option<QuantizedLinear>,
-    /// AWQ: the scale `s` its input columns were multiplied by.
-    pub input_scale: Option<Array1<f32>>,
-    /// AWQ: the part of `input_scale` that lives in the preceding norm in the checkpoint
-    /// (the model in memory holds `W' diag(1/s)` instead).
-    pub norm_scale: Option<Array1<f32>>,
-}
 
 /// What the driver returns besides the modified model.
 #[derive(Clone, Debug)]
@@ -167,38 +100,6 @@ impl Control<'_> {
             _ => Ok(()),
         }
     }
-}
-
-/// `[rows, cols]` tensor to an ndarray.
-pub fn to_array(t: &Tensor) -> Result<Array2<f32>> {
-    let (r, c) = t.dims2().ctx("tensor to array")?;
-    let v = t
-        .to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .ctx("tensor to array")?;
-    Ok(Array2::from_shape_vec((r, c), v).expect("dims2 gave the size"))
-}
-
-/// Runs `f` on a `[rows, cols]` tensor's f32 data viewed as an ndarray, without a copy when
-/// the tensor is a contiguous f32 CPU tensor (the forward's activations are).
-pub(crate) fn with_view<R>(t: &Tensor, f: impl FnOnce(ArrayView2<f32>) -> Result<R>) -> Result<R> {
-    let (r, c) = t.dims2().ctx("tensor view")?;
-    let t = t.to_dtype(DType::F32).ctx("tensor view")?;
-    quantlab_models::with_f32(&t, |xs| {
-        f(ArrayView2::from_shape((r, c), xs).expect("dims2 gave the size"))
-    })?
-}
-
-/// An ndarray to a `[rows, cols]` f32 tensor on the CPU.
-pub fn to_tensor(a: ArrayView2<f32>) -> Result<Tensor> {
-    let std = a.as_standard_layout();
-    Tensor::from_slice(
-        std.as_slice().expect("standard layout"),
-        a.dim(),
-        &Device::Cpu,
-    )
-    .ctx("array to tensor")
 }
 
 fn block_name(block: usize, kind: usize) -> String {

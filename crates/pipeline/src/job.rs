@@ -13,7 +13,9 @@ use crate::calib::{calibration_windows, Calibration};
 use crate::config::{Plan, QuantizeConfig};
 use crate::driver::{quantize_model, Control, DriverOutput};
 use crate::export::{write_export, ExportFormat, ExportInputs};
-use crate::report::{CalibrationFacts, EvalFacts, JobTimings, QuantizeReport};
+use crate::report::{
+    CalibrationFacts, EvalFacts, JobTimings, LayerReport, QuantizeReport, Timings,
+};
 use crate::save::{save_quantized, SaveInputs};
 use crate::source::{read_config, SourceModel};
 use crate::{PipelineError, Result};
@@ -69,7 +71,7 @@ impl QuantizeJob {
 /// model's shapes, the calibration and eval files, the output directory. Returns the plan.
 pub fn prepare(job: &QuantizeJob) -> Result<(LlamaConfig, Plan)> {
     job.config.validate()?;
-    if crate::bert::is_bert_dir(&job.model) {
+    if crate::source::is_bert_dir(&job.model) {
         return Err(PipelineError::option(
             "--model",
             format!(
@@ -230,11 +232,9 @@ impl DryRun {
     }
 }
 
-/// Checks the job and estimates its cost without loading the weights.
-pub fn dry_run(job: &QuantizeJob) -> Result<DryRun> {
-    if crate::bert::is_bert_dir(&job.model) {
-        return crate::bert::dry_run_bert(job);
-    }
+/// [`crate::dry_run`] for a LLaMA-family model: checks the job and estimates its cost
+/// without loading the weights.
+pub fn dry_run_llama(job: &QuantizeJob) -> Result<DryRun> {
     let (mc, plan) = prepare(job)?;
     let c = &job.config;
     let tokens = if job.calibration == Calibration::None {
@@ -390,7 +390,7 @@ pub fn quantization_config_json(
         "mse": c.mse,
         "true_sequential": c.true_sequential,
         "double_quant": c.double_quant,
-        "int8_threshold": if c.method == crate::Method::Int8 { json!(c.int8_threshold.unwrap_or(6.0)) } else { Value::Null },
+        "int8_threshold": if c.method == crate::method::Method::Int8 { json!(c.int8_threshold.unwrap_or(6.0)) } else { Value::Null },
         "awq_samples": if c.method.uses_awq() { json!(c.awq_samples) } else { Value::Null },
         "awq_fold_only": c.awq_fold_only,
         "skip": c.skip,
@@ -413,13 +413,10 @@ fn dir_bytes(dir: &Path) -> Option<u64> {
     Some(n)
 }
 
-/// Runs a job: [`prepare`], load, calibration windows, perplexity before (with `eval`), the
+/// [`crate::run`] for a LLaMA-family model: [`prepare`], load, calibration windows, perplexity before (with `eval`), the
 /// driver, perplexity after, then the atomic save. `cancel` (set by a Ctrl-C handler) stops
 /// the run at the next layer boundary; nothing is written then.
-pub fn run(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeReport> {
-    if crate::bert::is_bert_dir(&job.model) {
-        return crate::bert::run_bert(job, cancel);
-    }
+pub fn run_llama(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeReport> {
     let t_job = Instant::now();
     let (_mc, plan) = prepare(job)?;
     let mut jt = JobTimings::default();
@@ -554,4 +551,71 @@ pub fn run(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeRep
     }
     report.wall_seconds = t_job.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The report's constructor lives with the job it describes (the report module knows no job).
+impl QuantizeReport {
+    /// The parts of the report every architecture fills the same way, from the job and its
+    /// plan: bits per weight and sizes over the plan's linears (`linear(i, plan.layers[i])` is
+    /// the quantized linear `i`, `None` when it was left in full precision, counted as 16
+    /// bits a weight), with the `others` parameters outside them counted as f16; the mean relative output error over the linears that were
+    /// quantized (neither skipped nor left unchanged). Perplexity, evaluation and
+    /// `embed_cosine` start empty.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble<'q>(
+        job: &QuantizeJob,
+        plan: &Plan,
+        linear: &dyn Fn(
+            usize,
+            &crate::config::LayerPlan,
+        ) -> Option<&'q quantlab_grids::QuantizedLinear>,
+        others: u64,
+        timings: Timings,
+        job_timings: JobTimings,
+        layers: Vec<LayerReport>,
+        calibration: CalibrationFacts,
+    ) -> Self {
+        let c = &job.config;
+        let mut bits_linear = 0.0;
+        let mut n_linear = 0u64;
+        for (i, lp) in plan.layers.iter().enumerate() {
+            let n = (lp.shape.0 * lp.shape.1) as u64;
+            n_linear += n;
+            bits_linear += match linear(i, lp) {
+                Some(q) => q.bits().total_bits(),
+                None => 16.0 * n as f64,
+            };
+        }
+        let quantized: Vec<f64> = layers
+            .iter()
+            .filter(|r| !r.skipped && r.rel_output_error > 0.0)
+            .map(|r| r.rel_output_error)
+            .collect();
+        Self {
+            model: job.model.display().to_string(),
+            method: c.method.name().into(),
+            bits: plan.bits,
+            group_size: plan.group_size,
+            sym: c.sym,
+            act_order: c.act_order,
+            bits_per_weight: bits_linear / n_linear.max(1) as f64,
+            size_bytes: (bits_linear / 8.0).ceil() as u64 + 2 * others,
+            size_bytes_f16: 2 * (n_linear + others),
+            file_bytes: None,
+            seconds: timings.total,
+            wall_seconds: 0.0,
+            timings,
+            job_timings,
+            mean_rel_output_error: quantized.iter().sum::<f64>() / quantized.len().max(1) as f64,
+            layers,
+            ppl_before: None,
+            ppl_after: None,
+            embed_cosine: None,
+            eval: None,
+            calibration,
+            notes: plan.notes.clone(),
+            out: job.out.as_ref().map(|o| o.display().to_string()),
+            peak_rss_mb: quantlab_models::peak_rss_mb(),
+        }
+    }
 }

@@ -2,7 +2,76 @@
 
 use serde::Serialize;
 
-use crate::driver::{LayerReport, Timings};
+use ndarray::Array1;
+use quantlab_grids::QuantizedLinear;
+
+/// Where the seconds went.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// Embedding and block forwards (captures and the re-runs that give the next inputs).
+    pub forward: f64,
+    /// Converting captured inputs and accumulating the Hessians / AWQ statistics.
+    pub hessian: f64,
+    /// The layer solvers (GPTQ, RTN, AWQ quantization) and the error measurement.
+    pub solver: f64,
+    /// AWQ scale and clip searches (their forwards included).
+    pub awq_search: f64,
+    /// Everything in the driver.
+    pub total: f64,
+}
+
+/// The result of one linear.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    /// Full name.
+    pub name: String,
+    /// `(out, in)`.
+    pub shape: (usize, usize),
+    /// Left in full precision.
+    pub skipped: bool,
+    /// The format's name (`int4-sym`, `nf4`, ...).
+    pub format: String,
+    /// Bit width of the codes.
+    pub bits: u32,
+    /// Group size (`-1` = per row).
+    pub group_size: i64,
+    /// `tr(D H D^T) / tr(W H W^T)` with the captured (undamped) `H`; for AWQ in the scaled
+    /// domain (`W diag(s)` against inputs `x / s`), which is the same number for linears fed
+    /// by a norm.
+    pub rel_output_error: f64,
+    /// Absolute damping used (GPTQ; 0 otherwise).
+    pub damp: f64,
+    /// Damping fraction used after retries.
+    pub damp_percent: f64,
+    /// Number of automatic damping retries.
+    pub damp_retries: usize,
+    /// Solver seconds.
+    pub seconds: f64,
+    /// Bits per weight, codes + parameters + non-trivial `g_idx` (16 for skipped linears,
+    /// counted as f16).
+    pub bits_per_weight: f64,
+    /// AWQ: the chosen exponent of the scale search that scaled this linear's input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub awq_alpha: Option<f64>,
+    /// What `rel_output_error` was measured on: `"calibration"` (the Hessian of the inputs
+    /// this linear received) or `"weights"` (no calibration was run: `H = I`).
+    pub error_basis: &'static str,
+}
+
+/// A quantized linear as the driver leaves it.
+#[derive(Clone, Debug)]
+pub struct QuantizedLayer {
+    /// Full name.
+    pub name: String,
+    /// The codes and parameters (`None` when skipped, or for AWQ fold-only runs). For AWQ
+    /// these are the codes of the scaled weight `W'`.
+    pub linear: Option<QuantizedLinear>,
+    /// AWQ: the scale `s` its input columns were multiplied by.
+    pub input_scale: Option<Array1<f32>>,
+    /// AWQ: the part of `input_scale` that lives in the preceding norm in the checkpoint
+    /// (the model in memory holds `W' diag(1/s)` instead).
+    pub norm_scale: Option<Array1<f32>>,
+}
 
 /// Calibration facts.
 #[derive(Clone, Debug, Serialize)]
@@ -108,67 +177,6 @@ pub struct QuantizeReport {
 }
 
 impl QuantizeReport {
-    /// The parts of the report every architecture fills the same way, from the job and its
-    /// plan: bits per weight and sizes over the plan's linears (`linear(i, plan.layers[i])` is
-    /// the quantized linear `i`, `None` when it was left in full precision, counted as 16
-    /// bits a weight), with the `others` parameters outside them counted as f16; the mean relative output error over the linears that were
-    /// quantized (neither skipped nor left unchanged). Perplexity, evaluation and
-    /// `embed_cosine` start empty.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn assemble<'q>(
-        job: &crate::QuantizeJob,
-        plan: &crate::Plan,
-        linear: &dyn Fn(usize, &crate::LayerPlan) -> Option<&'q quantlab_grids::QuantizedLinear>,
-        others: u64,
-        timings: Timings,
-        job_timings: JobTimings,
-        layers: Vec<LayerReport>,
-        calibration: CalibrationFacts,
-    ) -> Self {
-        let c = &job.config;
-        let mut bits_linear = 0.0;
-        let mut n_linear = 0u64;
-        for (i, lp) in plan.layers.iter().enumerate() {
-            let n = (lp.shape.0 * lp.shape.1) as u64;
-            n_linear += n;
-            bits_linear += match linear(i, lp) {
-                Some(q) => q.bits().total_bits(),
-                None => 16.0 * n as f64,
-            };
-        }
-        let quantized: Vec<f64> = layers
-            .iter()
-            .filter(|r| !r.skipped && r.rel_output_error > 0.0)
-            .map(|r| r.rel_output_error)
-            .collect();
-        Self {
-            model: job.model.display().to_string(),
-            method: c.method.name().into(),
-            bits: plan.bits,
-            group_size: plan.group_size,
-            sym: c.sym,
-            act_order: c.act_order,
-            bits_per_weight: bits_linear / n_linear.max(1) as f64,
-            size_bytes: (bits_linear / 8.0).ceil() as u64 + 2 * others,
-            size_bytes_f16: 2 * (n_linear + others),
-            file_bytes: None,
-            seconds: timings.total,
-            wall_seconds: 0.0,
-            timings,
-            job_timings,
-            mean_rel_output_error: quantized.iter().sum::<f64>() / quantized.len().max(1) as f64,
-            layers,
-            ppl_before: None,
-            ppl_after: None,
-            embed_cosine: None,
-            eval: None,
-            calibration,
-            notes: plan.notes.clone(),
-            out: job.out.as_ref().map(|o| o.display().to_string()),
-            peak_rss_mb: quantlab_models::peak_rss_mb(),
-        }
-    }
-
     /// One JSON object.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("the report serialises")

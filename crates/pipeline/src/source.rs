@@ -252,3 +252,21 @@ impl SourceModel {
         })
     }
 }
+
+/// Whether `path` is a directory whose `config.json` describes a BERT model
+/// (`model_type: "bert"` or a `Bert*` architecture).
+pub fn is_bert_dir(path: &Path) -> bool {
+    let Ok(s) = std::fs::read_to_string(path.join("config.json")) else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&s) else {
+        return false;
+    };
+    v.get("model_type").and_then(serde_json::Value::as_str) == Some("bert")
+        || v.get("architectures")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|x| x.as_str().is_some_and(|s| s.starts_with("Bert")))
+            })
+}
