@@ -74,6 +74,11 @@ pub struct QuantizeArgs {
     /// GPTQ: columns per lazy batch (default 128).
     #[arg(long)]
     pub block_size: Option<usize>,
+    /// GPTQ: shrink the Hessian toward its diagonal, 0..1: solve with diag(H) + (1 - S)
+    /// offdiag(H), so the error feedback overfits the calibration text less (0 = plain GPTQ,
+    /// 1 = importance-weighted RTN; default 0.5 on --format gguf:*, 0 otherwise).
+    #[arg(long, value_name = "S")]
+    pub hessian_shrink: Option<f64>,
     /// Symmetric integer grid (the default).
     #[arg(long, conflicts_with = "asym")]
     pub sym: bool,
@@ -188,6 +193,7 @@ fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
         static_groups: a.static_groups,
         damp: a.damp,
         block_size: a.block_size,
+        hessian_shrink: a.hessian_shrink,
         mse: a.mse,
         double_quant: a.double_quant,
         int8_threshold: a.int8_threshold,

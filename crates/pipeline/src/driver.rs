@@ -50,7 +50,7 @@ use ndarray::{Array1, Array2, ArrayView2, Axis};
 use quantlab_grids::QuantizedLinear;
 use quantlab_models::{CaptureHook, CodesLinear, LlamaModel, BLOCK_LINEARS};
 use quantlab_solvers::awq::{self, AwqParams, AwqStats};
-use quantlab_solvers::gptq::{gptq, GptqParams};
+use quantlab_solvers::gptq::{gptq, GptqParams, GroupFit};
 use quantlab_solvers::hessian::{Counting, Hessian};
 use quantlab_solvers::rtn::{rtn, rtn_imatrix};
 use quantlab_solvers::{rel_output_error, SolveReport};
@@ -297,12 +297,21 @@ pub(crate) fn solve(
     H: Option<ArrayView2<f32>>,
 ) -> Result<(QuantizedLinear, SolveReport)> {
     let (lin, rep) = if method.uses_gptq() {
+        let ggml = matches!(lp.spec, quantlab_grids::FormatSpec::Ggml(_));
         let p = GptqParams {
             block_size: cfg.block_size.unwrap_or(128),
             damp_percent: lp.damp,
             act_order: lp.act_order,
             static_groups: cfg.static_groups,
             granularity: lp.granularity,
+            // ggml's block grids: each block's scale by the importance-weighted search (as
+            // weighted RTN), and the Hessian shrunk toward its diagonal (issue 18)
+            group_fit: if ggml {
+                GroupFit::HessianDiag
+            } else {
+                GroupFit::Plain
+            },
+            hessian_shrink: cfg.hessian_shrink_for(&lp.spec),
             ..Default::default()
         };
         let H = H.ok_or_else(|| {

@@ -364,6 +364,7 @@ pub fn quantization_config_json(
             "format_spec": serde_json::to_value(&lp.spec).expect("spec serialises"),
             "granularity": serde_json::to_value(lp.granularity).expect("granularity serialises"),
             "awq_scaled": ql.input_scale.is_some(),
+            "hessian_shrink": if c.method.uses_gptq() && !lp.skip { json!(c.hessian_shrink_for(&lp.spec)) } else { Value::Null },
         });
         if let Some(q) = &ql.linear {
             let o = v.as_object_mut().expect("object");
@@ -387,6 +388,7 @@ pub fn quantization_config_json(
         "static_groups": c.static_groups,
         "damp_percent": c.damp.unwrap_or(0.01),
         "block_size": c.block_size.unwrap_or(128),
+        "hessian_shrink": c.hessian_shrink,
         "mse": c.mse,
         "true_sequential": c.true_sequential,
         "double_quant": c.double_quant,
