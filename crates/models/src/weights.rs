@@ -68,54 +68,81 @@ const IQ4_NL_LEVELS: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
+/// A bounds-checked little-endian reader over a GGUF header (every read `None` past the end).
+struct R<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len())?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Some(s)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn string(&mut self) -> Option<String> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        Some(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Option<()> {
+        let size = match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => return self.string().map(|_| ()),
+            9 if depth < 4 => {
+                let et = self.u32()?;
+                let n = self.u64()?;
+                if n > self.b.len() as u64 {
+                    return None;
+                }
+                for _ in 0..n {
+                    self.value(et, depth + 1)?;
+                }
+                return Some(());
+            }
+            _ => return None,
+        };
+        self.take(size).map(|_| ())
+    }
+}
+
+/// The `general.alignment` a GGUF header declares (`None`: absent, or a header this walk
+/// cannot read, which candle's reader then reports).
+fn header_alignment(b: &[u8]) -> Option<u64> {
+    let mut r = R { b, at: 0 };
+    if r.take(4)? != b"GGUF" || !matches!(r.u32()?, 2 | 3) {
+        return None;
+    }
+    let (_nt, nkv) = (r.u64()?, r.u64()?);
+    for _ in 0..nkv {
+        let key = r.string()?;
+        let ty = r.u32()?;
+        if key == "general.alignment" {
+            return match ty {
+                0 | 1 => r.take(1).map(|v| v[0] as u64),
+                2 | 3 => r.take(2).map(|v| u16::from_le_bytes([v[0], v[1]]) as u64),
+                4 | 5 => r.u32().map(u64::from),
+                10 | 11 => r.u64(),
+                _ => None,
+            };
+        }
+        r.value(ty, 0)?;
+    }
+    None
+}
+
 /// The GGUF header (up to the end of the tensor infos) with every IQ4_NL tensor type (20)
 /// rewritten as Q4_0 (2), and the names of those tensors; `None` when the file has no IQ4_NL
 /// tensor or the header does not parse (candle then reports the problem).
 fn header_without_iq4_nl(b: &[u8]) -> Option<(Vec<u8>, std::collections::HashSet<String>)> {
-    struct R<'a> {
-        b: &'a [u8],
-        at: usize,
-    }
-    impl R<'_> {
-        fn take(&mut self, n: usize) -> Option<&[u8]> {
-            let end = self.at.checked_add(n).filter(|&e| e <= self.b.len())?;
-            let s = &self.b[self.at..end];
-            self.at = end;
-            Some(s)
-        }
-        fn u32(&mut self) -> Option<u32> {
-            Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-        }
-        fn u64(&mut self) -> Option<u64> {
-            Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-        }
-        fn string(&mut self) -> Option<String> {
-            let n = usize::try_from(self.u64()?).ok()?;
-            Some(String::from_utf8_lossy(self.take(n)?).into_owned())
-        }
-        fn value(&mut self, ty: u32, depth: usize) -> Option<()> {
-            let size = match ty {
-                0 | 1 | 7 => 1,
-                2 | 3 => 2,
-                4..=6 => 4,
-                10..=12 => 8,
-                8 => return self.string().map(|_| ()),
-                9 if depth < 4 => {
-                    let et = self.u32()?;
-                    let n = self.u64()?;
-                    if n > self.b.len() as u64 {
-                        return None;
-                    }
-                    for _ in 0..n {
-                        self.value(et, depth + 1)?;
-                    }
-                    return Some(());
-                }
-                _ => return None,
-            };
-            self.take(size).map(|_| ())
-        }
-    }
     let mut r = R { b, at: 0 };
     if r.take(4)? != b"GGUF" || !matches!(r.u32()?, 2 | 3) {
         return None;
@@ -199,8 +226,15 @@ impl GgufWeights {
             path: path.display().to_string(),
             detail,
         };
-        // candle 0.11's reader panics on some hostile headers (it divides by a
-        // `general.alignment` of 0; docs/fuzzing.md): contain that as an error.
+        // candle 0.11's reader divides by `general.alignment`: refuse a 0 before it reads
+        if header_alignment(&mmap) == Some(0) {
+            return Err(gguf_err(
+                "`general.alignment` is 0: tensor data offsets need a positive alignment (ggml writes 32)"
+                    .into(),
+            ));
+        }
+        // other hostile headers may still make candle's reader panic (docs/fuzzing.md):
+        // contain that as an error.
         let (patched, iq4_nl) = match header_without_iq4_nl(&mmap) {
             Some((h, names)) => (Some(h), names),
             None => (None, Default::default()),
