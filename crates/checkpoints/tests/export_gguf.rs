@@ -81,7 +81,7 @@ fn gptq_and_rtn_placed_grids_map_onto_blocks_bit_exactly() {
     for g in GgmlGrid::ALL {
         let spec = FormatSpec::Ggml(g);
         let ty = quantlab_checkpoints::export::gguf::grid_type(g);
-        let bt = gguf_blocks::GgmlType::from_type_id(ty.id()).unwrap();
+        let bt = ty;
         let p = GptqParams {
             granularity: Granularity::Group(32),
             ..Default::default()
@@ -176,7 +176,7 @@ fn importance_weighted_rtn_is_never_worse_under_its_objective() {
         GgmlType::Q8_0,
         GgmlType::Q4_K,
     ] {
-        let bt = gguf_blocks::GgmlType::from_type_id(ty.id()).unwrap();
+        let bt = ty;
         let err = |t: &GgufTensor| -> f64 {
             let y = gguf_blocks::dequantize("w", bt, &t.bytes).unwrap();
             w.iter()
@@ -487,12 +487,7 @@ fn python_gguf_package_reads_our_file_exactly() {
         let t = quantize_tensor(name, x.view(), ty).unwrap();
         let vals: Vec<f32> = match ty {
             GgmlType::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-            _ => gguf_blocks::dequantize(
-                name,
-                gguf_blocks::GgmlType::from_type_id(ty.id()).unwrap(),
-                &t.bytes,
-            )
-            .unwrap(),
+            _ => gguf_blocks::dequantize(name, ty, &t.bytes).unwrap(),
         };
         tensors.push((name.into(), t, vals));
     }

@@ -98,7 +98,7 @@ fn k_grids_placed_by_gptq_and_rtn_write_blocks_the_gguf_package_decodes_exactly(
     for (gi, g) in GgmlGrid::K.into_iter().enumerate() {
         let spec = FormatSpec::Ggml(g);
         let ty = grid_type(g);
-        let bt = gguf_blocks::GgmlType::from_type_id(ty.id()).unwrap();
+        let bt = ty;
         let gran = Granularity::Group(g.group_len());
         let base = GptqParams {
             granularity: gran,

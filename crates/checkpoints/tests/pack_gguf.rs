@@ -88,7 +88,7 @@ fn gguf_package_dequantizes_our_blocks_exactly_and_quantizes_legacy_types_to_our
         .collect();
     // name -> (type, our bytes, weighted?)
     let mut cases: Vec<(String, GgmlType, Vec<u8>, bool)> = Vec::new();
-    for ty in GgmlType::ALL {
+    for ty in BLOCK_TYPES {
         let b = quantize("x", ty, &x, None).unwrap();
         cases.push((ty.name().to_string(), ty, b, false));
         let b = quantize("x", ty, &x, Some(&importance)).unwrap();
@@ -98,7 +98,7 @@ fn gguf_package_dequantizes_our_blocks_exactly_and_quantizes_legacy_types_to_our
     let mut views = Vec::new();
     let mut meta = serde_json::Map::new();
     for (name, ty, bytes, _) in &cases {
-        let row_bytes = cols / ty.block_size() * ty.type_size();
+        let row_bytes = cols / ty.block_size() as usize * ty.type_size() as usize;
         assert_eq!(bytes.len(), rows * row_bytes);
         views.push((
             format!("{name}.bytes"),
@@ -151,8 +151,8 @@ fn gguf_package_dequantizes_our_blocks_exactly_and_quantizes_legacy_types_to_our
             if let Some(i) = (0..bytes.len()).find(|&i| bytes[i] != theirs[i]) {
                 panic!(
                     "{name}: byte {i} (block {}, offset {}): ours {:#04x} gguf {:#04x}",
-                    i / ty.type_size(),
-                    i % ty.type_size(),
+                    i / ty.type_size() as usize,
+                    i % ty.type_size() as usize,
                     bytes[i],
                     theirs[i]
                 );
@@ -189,15 +189,32 @@ fn sizes_and_type_ids_match_ggml() {
     ];
     for (ty, id, qk, size) in table {
         assert_eq!(
-            (ty.type_id(), ty.block_size(), ty.type_size()),
+            (ty.id(), ty.block_size(), ty.type_size()),
             (id, qk, size),
             "{ty:?}"
         );
-        assert_eq!(GgmlType::from_type_id(id), Some(ty));
+        assert_eq!(GgmlType::from_id(id), Some(ty));
+        assert!(has_blocks(ty), "{ty:?}");
+        // the block struct behind the type writes exactly that many bytes per block
+        let x = vec![0.5f32; 2 * qk as usize];
+        assert_eq!(
+            quantize("x", ty, &x, None).unwrap().len(),
+            2 * size as usize,
+            "{ty:?}"
+        );
     }
     assert_eq!(std::mem::size_of::<BlockQ4_K>(), 144);
     assert_eq!(std::mem::size_of::<BlockQ6_K>(), 210);
-    assert_eq!(GgmlType::from_type_id(30), None);
+    // BF16 is a GGUF type, but not a block type: refused by name
+    let bf16 = GgmlType::from_id(30).unwrap();
+    assert!(!has_blocks(bf16));
+    let e = quantize("x", bf16, &[0.0; 32], None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("BF16") && e.contains("no block quantizer"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -281,7 +298,7 @@ fn rmse(ty: GgmlType, x: &[f32], w: Option<&[f32]>) -> f64 {
 fn k_quants_order_by_bits_and_beat_plain_min_max_rounding() {
     let mut rng = StdRng::seed_from_u64(3);
     let x: Vec<f32> = (0..256 * 64).map(|_| gaussian(&mut rng)).collect();
-    let e: HashMap<&str, f64> = GgmlType::ALL
+    let e: HashMap<&str, f64> = BLOCK_TYPES
         .iter()
         .map(|&t| (t.name(), rmse(t, &x, None)))
         .collect();
@@ -331,7 +348,7 @@ fn importance_weighting_lowers_the_weighted_error() {
             .map(|((a, b), wi)| *wi as f64 * ((a - b) as f64).powi(2))
             .sum()
     };
-    for ty in GgmlType::ALL {
+    for ty in BLOCK_TYPES {
         let (plain, weighted) = (werr(ty, None), werr(ty, Some(&w)));
         eprintln!(
             "{}: weighted objective {plain:.4} -> {weighted:.4} ({:.2})",
@@ -387,9 +404,9 @@ proptest! {
     /// Any bytes are some block: reading then writing gives the same bytes.
     #[test]
     fn bytes_round_trip(ty_i in 0usize..11, n in 1usize..4, seed in any::<u64>()) {
-        let ty = GgmlType::ALL[ty_i];
+        let ty = BLOCK_TYPES[ty_i];
         let mut rng = StdRng::seed_from_u64(seed);
-        let bytes: Vec<u8> = (0..n * ty.type_size()).map(|_| rng.random()).collect();
+        let bytes: Vec<u8> = (0..n * ty.type_size() as usize).map(|_| rng.random()).collect();
         macro_rules! check { ($B:ty) => {{
             let blocks = from_bytes::<$B>("p", &bytes).unwrap();
             prop_assert_eq!(blocks.len(), n);
@@ -407,6 +424,7 @@ proptest! {
             GgmlType::Q5_K => check!(BlockQ5_K),
             GgmlType::Q6_K => check!(BlockQ6_K),
             GgmlType::IQ4_NL => check!(BlockIQ4_NL),
+            other => unreachable!("{other:?} is not in BLOCK_TYPES"),
         }
     }
 
@@ -414,7 +432,7 @@ proptest! {
     /// reproduces itself) for the legacy types.
     #[test]
     fn requantizing_is_stable(ty_i in 0usize..5, seed in any::<u64>()) {
-        let ty = GgmlType::ALL[ty_i];
+        let ty = BLOCK_TYPES[ty_i];
         let mut rng = StdRng::seed_from_u64(seed);
         let x: Vec<f32> = (0..64).map(|_| gaussian(&mut rng)).collect();
         let y = dequantize("p", ty, &quantize("p", ty, &x, None).unwrap()).unwrap();

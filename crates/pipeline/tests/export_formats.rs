@@ -109,7 +109,7 @@ fn our_gguf_values(path: &Path) -> Vec<(String, GgmlType, Vec<f32>)> {
                     .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
                     .collect(),
                 ty => {
-                    let bt = gguf_blocks::GgmlType::from_type_id(ty.id()).unwrap();
+                    let bt = ty;
                     gguf_blocks::dequantize(&t.name, bt, b).unwrap()
                 }
             };

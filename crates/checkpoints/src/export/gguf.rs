@@ -33,11 +33,11 @@
 //! let q = quantize_rtn("w", w.view(), &FormatSpec::Ggml(GgmlGrid::Q4_0), Granularity::Group(32)).unwrap();
 //! let bytes = blocks_from_quantized("w", &q, GgmlType::Q4_0).unwrap();
 //! assert_eq!(bytes.len(), 4 * 18); // 4 blocks of 18 bytes
-//! let back = gguf_blocks::dequantize("w", gguf_blocks::GgmlType::Q4_0, &bytes).unwrap();
+//! let back = gguf_blocks::dequantize("w", GgmlType::Q4_0, &bytes).unwrap();
 //! assert_eq!(back, q.dequantize().iter().copied().collect::<Vec<_>>());
 //! // RTN of the dense tensor is ggml's reference quantizer: within half a step
 //! let t = quantize_tensor("w", w.view(), GgmlType::Q8_0).unwrap();
-//! let y = gguf_blocks::dequantize("w", gguf_blocks::GgmlType::Q8_0, &t.bytes).unwrap();
+//! let y = gguf_blocks::dequantize("w", GgmlType::Q8_0, &t.bytes).unwrap();
 //! assert!(w.iter().zip(&y).all(|(a, b)| (a - b).abs() < 0.005));
 //! ```
 
@@ -324,7 +324,7 @@ pub fn quantize_tensor(name: &str, x: ArrayView2<f32>, ty: GgmlType) -> Result<G
 /// let imp: Vec<f32> = (0..32).map(|k| if k == 5 { 100.0 } else { 1.0 }).collect();
 /// let err = |imp_w: Option<&[f32]>| {
 ///     let t = quantize_tensor_weighted("w", w.view(), GgmlType::Q4_0, imp_w).unwrap();
-///     let y = gguf_blocks::dequantize("w", gguf_blocks::GgmlType::Q4_0, &t.bytes).unwrap();
+///     let y = gguf_blocks::dequantize("w", GgmlType::Q4_0, &t.bytes).unwrap();
 ///     w.iter().zip(&y).enumerate().map(|(i, (a, b))| imp[i % 32] * (a - b).powi(2)).sum::<f32>()
 /// };
 /// assert!(err(Some(&imp)) <= err(None));
@@ -353,21 +353,19 @@ pub fn quantize_tensor_weighted(
             .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
             .collect(),
         _ => {
-            let bt = gguf_blocks::GgmlType::from_type_id(ty.id()).ok_or_else(|| {
-                pack_err(
-                    format!("GGUF {ty}"),
-                    name,
-                    "no quantizer for this type (use F32, F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K or IQ4_NL)",
-                )
-            })?;
-            if cols % bt.block_size() != 0 {
+            if !gguf_blocks::has_blocks(ty) {
                 return Err(pack_err(
                     format!("GGUF {ty}"),
                     name,
-                    format!(
-                        "rows of {cols} values are not a whole number of {}-weight blocks",
-                        bt.block_size()
-                    ),
+                    "no quantizer for this type (use F32, F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K or IQ4_NL)",
+                ));
+            }
+            let qk = ty.block_size() as usize;
+            if cols % qk != 0 {
+                return Err(pack_err(
+                    format!("GGUF {ty}"),
+                    name,
+                    format!("rows of {cols} values are not a whole number of {qk}-weight blocks"),
                 ));
             }
             let imp: Option<Vec<f32>> = match importance {
@@ -383,7 +381,7 @@ pub fn quantize_tensor_weighted(
                     ))
                 }
             };
-            gguf_blocks::quantize(name, bt, &flat, imp.as_deref())?
+            gguf_blocks::quantize(name, ty, &flat, imp.as_deref())?
         }
     };
     Ok(GgufTensor { ty, shape, bytes })

@@ -1157,35 +1157,34 @@ pub fn k_block_bytes(grid: GgmlGrid, sp: &KSuperParams, q: &[u8; QK_K]) -> Vec<u
 // ---------------------------------------------------------------------------------------
 // Run-time selection
 
-/// A ggml block type chosen at run time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum GgmlType {
-    /// ggml `Q4_0`, type id 2 ([`BlockQ4_0`]).
-    Q4_0,
-    /// ggml `Q4_1`, type id 3 ([`BlockQ4_1`]).
-    Q4_1,
-    /// ggml `Q5_0`, type id 6 ([`BlockQ5_0`]).
-    Q5_0,
-    /// ggml `Q5_1`, type id 7 ([`BlockQ5_1`]).
-    Q5_1,
-    /// ggml `Q8_0`, type id 8 ([`BlockQ8_0`]).
-    Q8_0,
-    /// ggml `Q2_K`, type id 10 ([`BlockQ2_K`]).
-    Q2_K,
-    /// ggml `Q3_K`, type id 11 ([`BlockQ3_K`]).
-    Q3_K,
-    /// ggml `Q4_K`, type id 12 ([`BlockQ4_K`]).
-    Q4_K,
-    /// ggml `Q5_K`, type id 13 ([`BlockQ5_K`]).
-    Q5_K,
-    /// ggml `Q6_K`, type id 14 ([`BlockQ6_K`]).
-    Q6_K,
-    /// ggml `IQ4_NL`, type id 20 ([`BlockIQ4_NL`]).
-    IQ4_NL,
+/// The ggml type of a tensor: the one type list of the workspace's GGUF code
+/// ([`crate::gguf::GgmlType`], every id a GGUF file can name). The types with a block struct
+/// here, and so a quantizer and a dequantizer, are [`BLOCK_TYPES`]; [`quantize`] and
+/// [`dequantize`] refuse the others by name.
+pub use crate::gguf::GgmlType;
+
+/// The types with a block struct in this module, in type-id order.
+pub const BLOCK_TYPES: [GgmlType; 11] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
+];
+
+/// Whether `ty` has a block struct here (a quantizer and a dequantizer).
+pub fn has_blocks(ty: GgmlType) -> bool {
+    BLOCK_TYPES.contains(&ty)
 }
 
 macro_rules! dispatch {
-    ($ty:expr, $B:ident => $body:expr) => {
+    ($ty:expr, $B:ident => $body:expr, $other:ident => $fallback:expr) => {
         match $ty {
             GgmlType::Q4_0 => {
                 type $B = BlockQ4_0;
@@ -1231,50 +1230,9 @@ macro_rules! dispatch {
                 type $B = BlockIQ4_NL;
                 $body
             }
+            $other => $fallback,
         }
     };
-}
-
-impl GgmlType {
-    /// Every type, in type-id order.
-    pub const ALL: [GgmlType; 11] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q2_K,
-        GgmlType::Q3_K,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-        GgmlType::IQ4_NL,
-    ];
-
-    /// The GGUF type id.
-    pub fn type_id(self) -> u32 {
-        dispatch!(self, B => B::TYPE_ID)
-    }
-    /// Weights per block.
-    pub fn block_size(self) -> usize {
-        dispatch!(self, B => B::QK)
-    }
-    /// Bytes per block.
-    pub fn type_size(self) -> usize {
-        dispatch!(self, B => B::TYPE_SIZE)
-    }
-    /// The ggml name.
-    pub fn name(self) -> &'static str {
-        dispatch!(self, B => B::NAME)
-    }
-    /// Bits per weight, scales included.
-    pub fn bits_per_weight(self) -> f64 {
-        8.0 * self.type_size() as f64 / self.block_size() as f64
-    }
-    /// The type of a GGUF type id, if it is one of these.
-    pub fn from_type_id(id: u32) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.type_id() == id)
-    }
 }
 
 /// Quantize `x` (a whole number of blocks, e.g. rows of a tensor named `name`) to `ty`'s
@@ -1298,15 +1256,17 @@ pub fn quantize(
     importance: Option<&[f32]>,
 ) -> Result<Vec<u8>> {
     let label = format!("GGUF {}", ty.name());
-    if x.len() % ty.block_size() != 0 {
+    if !has_blocks(ty) {
+        return Err(no_blocks(&label, name, ty));
+    }
+    let qk = ty.block_size() as usize;
+    if x.len() % qk != 0 {
         return Err(pack_err(
             &label,
             name,
             format!(
-                "{} values are not a whole number of {}-weight blocks (rows must be multiples of {})",
+                "{} values are not a whole number of {qk}-weight blocks (rows must be multiples of {qk})",
                 x.len(),
-                ty.block_size(),
-                ty.block_size()
             ),
         ));
     }
@@ -1343,7 +1303,19 @@ pub fn quantize(
             Some(w) => B::quantize_weighted(x, w, &mut blocks),
         }
         to_bytes(&blocks)
-    }))
+    }, other => return Err(no_blocks(&label, name, other))))
+}
+
+fn no_blocks(label: &str, name: &str, ty: GgmlType) -> crate::CheckpointError {
+    pack_err(
+        label,
+        name,
+        format!(
+            "no block quantizer for ggml type {} (these have one: {})",
+            ty.name(),
+            BLOCK_TYPES.map(|t| t.name()).join(", ")
+        ),
+    )
 }
 
 /// Dequantize `ty`'s on-disk bytes; `name` (the tensor) appears in the error when the
@@ -1354,5 +1326,5 @@ pub fn dequantize(name: &str, ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
         let mut y = vec![0.0f32; blocks.len() * B::QK];
         B::dequantize(&blocks, &mut y);
         Ok(y)
-    })
+    }, other => Err(no_blocks(&format!("GGUF {}", other.name()), name, other)))
 }
