@@ -1,0 +1,55 @@
+//! `--hessian-shrink` (issue 18): refused by name outside GPTQ and outside [0, 1]; its default
+//! is 0.5 on ggml's block grids and 0 elsewhere.
+
+use quantlab_grids::{FormatSpec, GgmlGrid, UniformGrid};
+use quantlab_pipeline::config::DEFAULT_GGML_HESSIAN_SHRINK;
+use quantlab_pipeline::{Method, PipelineError, QuantizeConfig};
+
+fn option_of(r: quantlab_pipeline::Result<()>) -> String {
+    match r {
+        Err(PipelineError::InvalidOption { option, .. }) => option,
+        other => panic!("expected an option error, got {other:?}"),
+    }
+}
+
+#[test]
+fn refused_outside_gptq_and_outside_the_unit_interval() {
+    let rtn = QuantizeConfig {
+        method: Method::Rtn,
+        hessian_shrink: Some(0.5),
+        ..Default::default()
+    };
+    assert_eq!(option_of(rtn.validate()), "--hessian-shrink");
+    for s in [-0.01, 1.01, f64::NAN] {
+        let c = QuantizeConfig {
+            method: Method::Gptq,
+            hessian_shrink: Some(s),
+            ..Default::default()
+        };
+        assert_eq!(option_of(c.validate()), "--hessian-shrink", "{s}");
+    }
+    for s in [0.0, 0.5, 1.0] {
+        let c = QuantizeConfig {
+            method: Method::Gptq,
+            hessian_shrink: Some(s),
+            ..Default::default()
+        };
+        assert!(c.validate().is_ok(), "{s}");
+    }
+}
+
+#[test]
+fn default_depends_on_the_grid() {
+    let c = QuantizeConfig::default();
+    let ggml = FormatSpec::Ggml(GgmlGrid::Q4_0);
+    let int4 = FormatSpec::Uniform(UniformGrid::new(4, true).unwrap());
+    assert_eq!(c.hessian_shrink_for(&ggml), DEFAULT_GGML_HESSIAN_SHRINK);
+    assert_eq!(DEFAULT_GGML_HESSIAN_SHRINK, 0.5);
+    assert_eq!(c.hessian_shrink_for(&int4), 0.0);
+    let set = QuantizeConfig {
+        hessian_shrink: Some(0.25),
+        ..Default::default()
+    };
+    assert_eq!(set.hessian_shrink_for(&ggml), 0.25);
+    assert_eq!(set.hessian_shrink_for(&int4), 0.25);
+}
