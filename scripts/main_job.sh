@@ -48,7 +48,7 @@ step "5. perplexity of the quantized model, read back from the GPTQ checkpoint"
 "$ql" eval ppl --model "$out/smollm2-gptq-4bit-128g" --text "$eval_text" "${ppl_args[@]}" --json | tee "$out/ppl-gptq.json"
 "$ql" inspect "$out/smollm2-gptq-4bit-128g" | head -20
 
-step "6. export for llama.cpp: GPTQ (act-order, static groups) placed on the GGUF Q4_0 block grid -> one .gguf file"
+step "6. export for llama.cpp: GPTQ (act-order, static groups; block scales by the importance-weighted search, Hessian shrunk 0.5 toward its diagonal) placed on the GGUF Q4_0 block grid -> one .gguf file"
 "$ql" quantize --model "$model" --method gptq --format gguf:q4_0 --act-order --static-groups \
     --calib crates/models/data/calib.txt --nsamples "$nsamples" \
     --out "$out/smollm2-gptq-q4_0.gguf" --overwrite | tee "$out/quantize-gguf.txt"
