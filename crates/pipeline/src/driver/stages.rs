@@ -1,0 +1,567 @@
+//! One block's machinery, shared by the sequential driver and AWQ: the inputs captured
+//! (`Capture`), the solver of one linear (`solve`) and of one block in true-sequential
+//! order (`solve_block`), the replacement of a linear (`install`) and the driver's control.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use indicatif::ProgressBar;
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+use quantlab_grids::QuantizedLinear;
+use quantlab_models::{CaptureHook, CodesLinear, LlamaModel, BLOCK_LINEARS};
+use quantlab_solvers::awq::AwqStats;
+use quantlab_solvers::gptq::{gptq, GptqParams, GroupFit};
+use quantlab_solvers::hessian::{Counting, Hessian};
+use quantlab_solvers::rtn::{rtn, rtn_imatrix};
+use quantlab_solvers::{rel_output_error, SolveReport};
+
+use crate::config::{LayerPlan, Method, QuantizeConfig};
+use crate::error::TensorContext;
+use crate::report::{LayerReport, QuantizedLayer, Timings};
+use crate::tensors::{to_array, to_tensor, with_view};
+use crate::{PipelineError, Result};
+
+/// Indices into [`BLOCK_LINEARS`].
+pub(super) const Q: usize = 0;
+pub(super) const K: usize = 1;
+pub(super) const V: usize = 2;
+pub(super) const O: usize = 3;
+pub(super) const GATE: usize = 4;
+pub(super) const UP: usize = 5;
+pub(super) const DOWN: usize = 6;
+
+/// How the driver talks to the outside: progress bars and cancellation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Control<'a> {
+    /// Draw progress bars on stderr.
+    pub progress: bool,
+    /// Set (e.g. by a Ctrl-C handler) to stop at the next layer boundary with
+    /// [`PipelineError::Interrupted`].
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl Control<'_> {
+    pub(super) fn check(&self) -> Result<()> {
+        match self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(PipelineError::Interrupted),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub(super) fn block_name(block: usize, kind: usize) -> String {
+    format!("model.layers.{block}.{}", BLOCK_LINEARS[kind])
+}
+
+/// Block `i` on every mini-batch.
+pub(super) fn forward_all(
+    model: &LlamaModel,
+    i: usize,
+    inps: &[Tensor],
+    mut hook: Option<&mut CaptureHook<'_>>,
+) -> Result<Vec<Tensor>> {
+    inps.iter()
+        .map(|h| Ok(model.block_forward(i, h, 0, None, hook.as_deref_mut())?))
+        .collect()
+}
+
+/// Mean squared difference of two lists of equally shaped tensors.
+pub(super) fn mse(a: &[Tensor], b: &[Tensor]) -> Result<f64> {
+    let mut s = 0.0;
+    let mut n = 0usize;
+    for (x, y) in a.iter().zip(b) {
+        let d = (x - y)
+            .and_then(|d| d.sqr())
+            .and_then(|d| d.sum_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .ctx("awq loss")?;
+        s += d as f64;
+        n += x.elem_count();
+    }
+    Ok(s / n.max(1) as f64)
+}
+
+/// The statistics captured for one input of a block.
+pub(super) struct Capture {
+    H: Hessian,
+    abs_sum: Vec<f64>,
+    clip_rows: Vec<f32>,
+    rows_seen: usize,
+}
+
+impl Capture {
+    pub(super) fn new(dim: usize) -> Self {
+        Self {
+            H: Hessian::new(dim).with_counting(Counting::Tokens),
+            abs_sum: Vec::new(),
+            clip_rows: Vec::new(),
+            rows_seen: 0,
+        }
+    }
+
+    /// AWQ's statistics of a batch: `sum |x|` per column (in f64, each column summed row by
+    /// row; column blocks in parallel) and every `stride`-th row for the clip search.
+    pub(super) fn add_awq_rows(&mut self, X: ArrayView2<f32>, stride: usize) {
+        use rayon::prelude::*;
+        let d = X.ncols();
+        if self.abs_sum.is_empty() {
+            self.abs_sum = vec![0.0; d];
+        }
+        let xs = X.as_slice().expect("captured inputs are row-major");
+        const COLS: usize = 64;
+        self.abs_sum
+            .par_chunks_mut(COLS)
+            .enumerate()
+            .for_each(|(b, acc)| {
+                let (j0, n) = (b * COLS, acc.len());
+                for row in xs.chunks(d) {
+                    for (a, &v) in acc.iter_mut().zip(&row[j0..j0 + n]) {
+                        *a += v.abs() as f64;
+                    }
+                }
+            });
+        for row in X.rows() {
+            if self.rows_seen % stride == 0 {
+                self.clip_rows.extend(row.iter());
+            }
+            self.rows_seen += 1;
+        }
+    }
+
+    pub(super) fn awq_stats(&self) -> Result<AwqStats> {
+        let d = self.H.dim();
+        let t = self.H.tokens().max(1) as f64;
+        let x_mean = Array1::from_shape_fn(d, |j| (self.abs_sum[j] / t) as f32);
+        let rows = self.clip_rows.len() / d;
+        let X = ArrayView2::from_shape((rows, d), &self.clip_rows).expect("whole rows");
+        let mut hc = Hessian::new(d).with_counting(Counting::Tokens);
+        hc.add_batch(X, 1)
+            .map_err(|e| PipelineError::solver("awq clip sample", e))?;
+        Ok(AwqStats {
+            x_mean,
+            H: self.H.finish(),
+            H_clip: hc.finish(),
+        })
+    }
+}
+
+/// Captures the inputs of the `targets` linears of block `i` over every mini-batch. With `awq`, also mean `|x|` and every `clip_stride`-th
+/// row for the clip search.
+pub(super) fn capture(
+    model: &mut LlamaModel,
+    i: usize,
+    inps: &[Tensor],
+    targets: &[usize],
+    awq: Option<usize>,
+    t: &mut Timings,
+) -> Result<BTreeMap<usize, Capture>> {
+    let t0 = Instant::now();
+    let names: Vec<String> = targets.iter().map(|&k| block_name(i, k)).collect();
+    let mut caps: BTreeMap<usize, Capture> = BTreeMap::new();
+    for &k in targets {
+        let l = model.linear(&block_name(i, k))?;
+        caps.insert(k, Capture::new(l.in_features()));
+    }
+    let caps = RefCell::new(caps);
+    let err: RefCell<Option<PipelineError>> = RefCell::new(None);
+    let hess_s = Cell::new(0.0f64);
+    let seqs = inps.first().map_or(1, |h| h.dims()[0]);
+    {
+        let mut hook = CaptureHook::new(names.clone(), |name: &str, x: &Tensor| {
+            if err.borrow().is_some() {
+                return;
+            }
+            let th = Instant::now();
+            let k = names
+                .iter()
+                .position(|n| n == name)
+                .map(|p| targets[p])
+                .expect("hooked name");
+            let r = with_view(x, |X| {
+                let mut caps = caps.borrow_mut();
+                let c = caps.get_mut(&k).expect("capture");
+                c.H.add_batch(X, seqs)
+                    .map_err(|e| PipelineError::solver(name, e))?;
+                if let Some(stride) = awq {
+                    c.add_awq_rows(X, stride);
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                *err.borrow_mut() = Some(e);
+            }
+            hess_s.set(hess_s.get() + th.elapsed().as_secs_f64());
+        });
+        forward_all(model, i, inps, Some(&mut hook))?;
+    }
+    if let Some(e) = err.into_inner() {
+        return Err(e);
+    }
+    let total = t0.elapsed().as_secs_f64();
+    t.hessian += hess_s.get();
+    t.forward += total - hess_s.get();
+    Ok(caps.into_inner())
+}
+
+pub(super) fn weight_of(model: &LlamaModel, name: &str) -> Result<Array2<f32>> {
+    to_array(&model.linear(name)?.weight()?)
+}
+
+/// Puts a quantized linear into the model: its dequantized weight `mem` (f32), or with
+/// `cfg.lazy` its codes (`col_div` as in [`CodesLinear`]).
+pub(super) fn install(
+    model: &mut LlamaModel,
+    cfg: &QuantizeConfig,
+    name: &str,
+    lin: Option<&QuantizedLinear>,
+    col_div: Option<&Array1<f32>>,
+    mem: ArrayView2<f32>,
+) -> Result<()> {
+    match lin {
+        Some(q) if cfg.lazy => {
+            let bias = model.linear(name)?.bias();
+            let new = CodesLinear::new(q.clone(), col_div.map(|s| s.to_vec()), bias);
+            model.replace_linear(name, Box::new(new))?;
+            Ok(())
+        }
+        _ => set(model, name, mem),
+    }
+}
+
+pub(super) fn set(model: &mut LlamaModel, name: &str, w: ArrayView2<f32>) -> Result<()> {
+    model.set_weight(name, to_tensor(w)?)?;
+    Ok(())
+}
+
+/// Quantize one weight with the plan's solver: GPTQ for the GPTQ methods (which need `H`),
+/// RTN otherwise; on a ggml block grid RTN is importance-weighted by `diag(H)` when `H` is
+/// given (llama.cpp's imatrix), plain without it.
+pub(crate) fn solve(
+    lp: &LayerPlan,
+    method: Method,
+    cfg: &QuantizeConfig,
+    W: ArrayView2<f32>,
+    H: Option<ArrayView2<f32>>,
+) -> Result<(QuantizedLinear, SolveReport)> {
+    let (lin, rep) = if method.uses_gptq() {
+        let ggml = matches!(lp.spec, quantlab_grids::FormatSpec::Ggml(_));
+        let p = GptqParams {
+            block_size: cfg.block_size.unwrap_or(128),
+            damp_percent: lp.damp,
+            act_order: lp.act_order,
+            static_groups: cfg.static_groups,
+            granularity: lp.granularity,
+            // ggml's block grids: each block's scale by the importance-weighted search (as
+            // weighted RTN), and the Hessian shrunk toward its diagonal (issue 18)
+            group_fit: if ggml {
+                GroupFit::HessianDiag
+            } else {
+                GroupFit::Plain
+            },
+            hessian_shrink: cfg.hessian_shrink_for(&lp.spec),
+            ..Default::default()
+        };
+        let H = H.ok_or_else(|| {
+            PipelineError::option("calibration", format!("{}: GPTQ needs a Hessian", lp.name))
+        })?;
+        gptq(W, H, &lp.spec, &p)
+    } else if let quantlab_grids::FormatSpec::Ggml(grid) = lp.spec {
+        rtn_imatrix(W, grid, H)
+    } else {
+        rtn(W, None, &lp.spec, lp.granularity)
+    }
+    .map_err(|e| PipelineError::solver(&lp.name, e))?;
+    let lin = match cfg.double_quant() {
+        Some(dq) => lin.with_double_quant(dq)?,
+        None => lin,
+    };
+    Ok((lin, rep))
+}
+
+pub(crate) fn report(
+    lp: &LayerPlan,
+    lin: Option<&QuantizedLinear>,
+    rep: Option<&SolveReport>,
+    rel: f64,
+    seconds: f64,
+) -> LayerReport {
+    LayerReport {
+        name: lp.name.clone(),
+        shape: lp.shape,
+        skipped: lp.skip,
+        format: if lp.skip {
+            "f32".into()
+        } else {
+            lp.spec.build().name()
+        },
+        bits: if lp.skip {
+            16
+        } else {
+            lp.spec.build().code_bits()
+        },
+        group_size: lp.group_size,
+        rel_output_error: rel,
+        damp: rep.map_or(0.0, |r| r.damp),
+        damp_percent: rep.map_or(0.0, |r| r.damp_percent),
+        damp_retries: rep.map_or(0, |r| r.damp_retries.len()),
+        seconds,
+        bits_per_weight: lin.map_or(16.0, |l| l.bits_per_weight()),
+        awq_alpha: None,
+        error_basis: "calibration",
+    }
+}
+
+/// Per block: the seven linears' results as the driver collects them.
+pub(super) type BlockOut = [Option<(QuantizedLayer, LayerReport)>];
+
+/// GPTQ or RTN on the linears of block `i`, group by group: the true-sequential groups for
+/// GPTQ methods (each group's inputs computed with the groups before it already quantized),
+/// one capture of all inputs otherwise.
+///
+/// The true-sequential path runs the block once, stage by stage
+/// ([`LlamaModel::block_attn_input`] ... [`LlamaModel::block_output`]): each stage's output
+/// is the input of the next group of linears, whose Hessian is accumulated from it before
+/// they are quantized; the last stage gives the block's output with every linear quantized,
+/// which is returned as the next block's inputs (`Some`). The one-capture path returns
+/// `None` (the caller runs the quantized block).
+///
+/// `scaled` (AWQ+GPTQ): the scaled weights `W'` of the seven linears and, for the linears fed
+/// by a norm, the scale `s` that their in-memory weight `W' diag(1/s)` is divided by. Their
+/// captured inputs are then the unscaled `x`, whose scaled-domain Hessian is
+/// `diag(1/s) H diag(1/s)`; the other linears (`o` after `v`, `down` after `up`) see inputs
+/// already divided by their scale, because the preceding linear's rows were.
+pub(super) fn solve_block(
+    model: &mut LlamaModel,
+    i: usize,
+    inps: &[Tensor],
+    lps: &[LayerPlan],
+    cfg: &QuantizeConfig,
+    scaled: Option<(&[Array2<f32>], &[Option<Array1<f32>>])>,
+    out: &mut BlockOut,
+    t: &mut Timings,
+    bar_layers: &ProgressBar,
+    ctl: &Control<'_>,
+) -> Result<Option<Vec<Tensor>>> {
+    let mut q = GroupSolver {
+        i,
+        lps,
+        cfg,
+        scaled,
+        bar: bar_layers,
+        ctl,
+    };
+    let sequential = cfg.true_sequential && cfg.method.needs_calibration();
+    if !sequential {
+        let all: Vec<usize> = (0..7).collect();
+        let active: Vec<usize> = all.iter().copied().filter(|&k| !lps[k].skip).collect();
+        if active.is_empty() {
+            return Ok(None);
+        }
+        // one capture per distinct input: q/k/v and gate/up share theirs
+        let mut targets: Vec<usize> = Vec::new();
+        for &k in &active {
+            if !targets.iter().any(|&x| input_of(x) == input_of(k)) {
+                targets.push(k);
+            }
+        }
+        bar_layers.set_message(format!("block {i}: capturing {}", group_label(&active)));
+        let caps = capture(model, i, inps, &targets, None, t)?;
+        for &k in &active {
+            let src = targets
+                .iter()
+                .copied()
+                .find(|&x| input_of(x) == input_of(k))
+                .expect("target");
+            q.solve_one(model, k, &caps[&src].H, out, t)?;
+        }
+        return Ok(None);
+    }
+    let seqs: Vec<usize> = inps.iter().map(|h| h.dims()[0]).collect();
+    let timed = |t: &mut Timings, f: &mut dyn FnMut() -> Result<Vec<Tensor>>| {
+        let tf = Instant::now();
+        let r = f();
+        t.forward += tf.elapsed().as_secs_f64();
+        r
+    };
+    // q, k, v: the normed block input
+    ctl.check()?;
+    let m: &LlamaModel = model;
+    let xs = timed(t, &mut || {
+        inps.iter().map(|h| Ok(m.block_attn_input(i, h)?)).collect()
+    })?;
+    q.solve_group(model, &[Q, K, V], &xs, &seqs, out, t)?;
+    // o: attention with the quantized q, k, v
+    ctl.check()?;
+    let m: &LlamaModel = model;
+    let attn = timed(t, &mut || {
+        xs.iter()
+            .zip(&seqs)
+            .map(|(x, &b)| Ok(m.block_attention(i, x, b)?))
+            .collect()
+    })?;
+    drop(xs);
+    q.solve_group(model, &[O], &attn, &seqs, out, t)?;
+    // gate, up: the post-attention norm of the residual with the quantized o
+    ctl.check()?;
+    let m: &LlamaModel = model;
+    let mut resid = Vec::with_capacity(inps.len());
+    let x2 = timed(t, &mut || {
+        resid.clear();
+        inps.iter()
+            .zip(&attn)
+            .map(|(h, a)| {
+                let (r, x) = m.block_mlp_input(i, h, a)?;
+                resid.push(r);
+                Ok(x)
+            })
+            .collect()
+    })?;
+    drop(attn);
+    q.solve_group(model, &[GATE, UP], &x2, &seqs, out, t)?;
+    // down: silu(gate) * up with the quantized gate and up
+    ctl.check()?;
+    let m: &LlamaModel = model;
+    let act = timed(t, &mut || {
+        x2.iter().map(|x| Ok(m.block_mlp_act(i, x)?)).collect()
+    })?;
+    drop(x2);
+    q.solve_group(model, &[DOWN], &act, &seqs, out, t)?;
+    // the block's output with every linear quantized
+    ctl.check()?;
+    bar_layers.set_message(format!("block {i}: output"));
+    let m: &LlamaModel = model;
+    let outs = timed(t, &mut || {
+        resid
+            .iter()
+            .zip(&act)
+            .map(|(r, a)| Ok(m.block_output(i, r, a)?))
+            .collect()
+    })?;
+    Ok(Some(outs))
+}
+
+/// Quantizes the linears of one block given their Hessians (shared by both paths of
+/// [`solve_block`]).
+pub(super) struct GroupSolver<'a> {
+    i: usize,
+    lps: &'a [LayerPlan],
+    cfg: &'a QuantizeConfig,
+    scaled: Option<(&'a [Array2<f32>], &'a [Option<Array1<f32>>])>,
+    bar: &'a ProgressBar,
+    ctl: &'a Control<'a>,
+}
+
+impl GroupSolver<'_> {
+    /// The non-skipped linears of `group` (which share one input), with the Hessian of
+    /// `inputs` (`[rows, in]` per mini-batch of `seqs[b]` sequences).
+    pub(super) fn solve_group(
+        &mut self,
+        model: &mut LlamaModel,
+        group: &[usize],
+        inputs: &[Tensor],
+        seqs: &[usize],
+        out: &mut BlockOut,
+        t: &mut Timings,
+    ) -> Result<()> {
+        let active: Vec<usize> = group
+            .iter()
+            .copied()
+            .filter(|&k| !self.lps[k].skip)
+            .collect();
+        if active.is_empty() {
+            return Ok(());
+        }
+        self.bar.set_message(format!(
+            "block {}: Hessian of {}",
+            self.i,
+            group_label(&active)
+        ));
+        let th = Instant::now();
+        let dim = inputs.first().map_or(0, |x| x.dims()[x.rank() - 1]);
+        let mut H = Hessian::new(dim).with_counting(Counting::Tokens);
+        for (x, &b) in inputs.iter().zip(seqs) {
+            with_view(x, |X| {
+                H.add_batch(X, b)
+                    .map_err(|e| PipelineError::solver(&self.lps[active[0]].name, e))
+            })?;
+        }
+        t.hessian += th.elapsed().as_secs_f64();
+        for &k in &active {
+            self.solve_one(model, k, &H, out, t)?;
+        }
+        Ok(())
+    }
+
+    /// Linear `k` of the block with the Hessian of its input.
+    pub(super) fn solve_one(
+        &mut self,
+        model: &mut LlamaModel,
+        k: usize,
+        Hacc: &Hessian,
+        out: &mut BlockOut,
+        t: &mut Timings,
+    ) -> Result<()> {
+        self.ctl.check()?;
+        let lp = &self.lps[k];
+        self.bar
+            .set_message(format!("block {}: {}", self.i, BLOCK_LINEARS[k]));
+        let ts = Instant::now();
+        let norm_s = self.scaled.and_then(|(_, ns)| ns[k].as_ref());
+        let H = match norm_s {
+            Some(s) => scale_hessian(&Hacc.finish(), s),
+            None => Hacc.finish(),
+        };
+        let W = match self.scaled {
+            Some((ws, _)) => ws[k].clone(),
+            None => weight_of(model, &lp.name)?,
+        };
+        let (lin, rep) = solve(lp, self.cfg.method, self.cfg, W.view(), Some(H.view()))?;
+        let mut Qw = lin.dequantize();
+        let rel = rel_output_error(W.view(), Qw.view(), H.view())
+            .map_err(|e| PipelineError::solver(&lp.name, e))?;
+        if let Some(s) = norm_s {
+            Qw /= &s.view().insert_axis(Axis(0));
+        }
+        install(model, self.cfg, &lp.name, Some(&lin), norm_s, Qw.view())?;
+        let secs = ts.elapsed().as_secs_f64();
+        t.solver += secs;
+        let r = report(lp, Some(&lin), Some(&rep), rel, secs);
+        out[k] = Some((
+            QuantizedLayer {
+                name: lp.name.clone(),
+                linear: Some(lin),
+                input_scale: None,
+                norm_scale: None,
+            },
+            r,
+        ));
+        self.bar.inc(1);
+        Ok(())
+    }
+}
+
+/// Which linears share an input: q/k/v -> 0, o -> 3, gate/up -> 4, down -> 6.
+pub(super) fn input_of(k: usize) -> usize {
+    match k {
+        Q | K | V => Q,
+        GATE | UP => GATE,
+        other => other,
+    }
+}
+
+pub(super) fn group_label(kinds: &[usize]) -> String {
+    kinds
+        .iter()
+        .map(|&k| BLOCK_LINEARS[k].rsplit('.').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `diag(1/s) H diag(1/s)`: the Hessian of inputs divided by `s`.
+pub(super) fn scale_hessian(H: &Array2<f32>, s: &Array1<f32>) -> Array2<f32> {
+    let n = s.len();
+    Array2::from_shape_fn((n, n), |(i, j)| H[[i, j]] / (s[i] * s[j]))
+}
