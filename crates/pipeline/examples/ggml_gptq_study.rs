@@ -16,12 +16,11 @@
 //! `tr(D H D^T) / tr(W H W^T)`, `D = W - Q`. Prints one row per (grid, method): the mean over
 //! the linears of each score, and on how many linears the method beats `rtn-imatrix` on
 //! held-out inputs.
-use ndarray::{Array2, ArrayView2};
+use ndarray::Array2;
 use quantlab_grids::{FormatSpec, GgmlGrid, Granularity};
-use quantlab_models::{CaptureHook, LlamaModel, LlamaTokenizer};
-use quantlab_pipeline::calib::draw_windows;
+use quantlab_models::{LlamaModel, LlamaTokenizer, BLOCK_LINEARS};
+use quantlab_pipeline::calib::{draw_windows, float_hessians};
 use quantlab_solvers::gptq::{gptq, GptqParams, GroupFit};
-use quantlab_solvers::hessian::Hessian;
 use quantlab_solvers::rel_output_error;
 use quantlab_solvers::rtn::rtn_imatrix;
 use std::collections::BTreeMap;
@@ -46,44 +45,6 @@ fn grid_of(s: &str) -> Res<GgmlGrid> {
         }
     }
     Err(format!("unknown grid {s}").into())
-}
-
-/// Hessians of every captured linear input over `windows` (one per distinct input).
-fn hessians(
-    model: &LlamaModel,
-    windows: &[Vec<u32>],
-    names: &[String],
-    last_block: usize,
-) -> Res<BTreeMap<String, Array2<f32>>> {
-    let mut acc: BTreeMap<String, Hessian> = BTreeMap::new();
-    for w in windows {
-        let mut err: Option<String> = None;
-        {
-            let mut hook = CaptureHook::new(names.iter().cloned(), |name: &str, x| {
-                let r = quantlab_models::with_f32(x, |v| {
-                    let cols = x.dims()[x.dims().len() - 1];
-                    let view = ArrayView2::from_shape((v.len() / cols, cols), v).unwrap();
-                    acc.entry(name.to_string())
-                        .or_insert_with(|| Hessian::new(cols))
-                        .add_batch(view, 1)
-                        .map_err(|e| e.to_string())
-                });
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => err = Some(e),
-                    Err(e) => err = Some(e.to_string()),
-                }
-            });
-            let mut h = model.embed(&[w.as_slice()])?;
-            for i in 0..=last_block {
-                h = model.block_forward(i, &h, 0, None, Some(&mut hook))?;
-            }
-        }
-        if let Some(e) = err {
-            return Err(e.into());
-        }
-    }
-    Ok(acc.into_iter().map(|(k, h)| (k, h.finish())).collect())
 }
 
 fn main() -> Res<()> {
@@ -119,31 +80,21 @@ fn main() -> Res<()> {
         Some(p) => consecutive(&tok.encode(&std::fs::read_to_string(p)?)?),
         None => Vec::new(),
     };
-    let suffixes = [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ];
     let names: Vec<String> = blocks
         .iter()
         .flat_map(|b| {
-            suffixes
+            BLOCK_LINEARS
                 .iter()
                 .map(move |s| format!("model.layers.{b}.{s}"))
         })
         .collect();
-    let last = *blocks.iter().max().unwrap();
     let t0 = std::time::Instant::now();
-    let h_cal = hessians(&model, &cal_w, &names, last)?;
-    let h_eval = hessians(&model, &eval_w, &names, last)?;
+    let h_cal = float_hessians(&model, &cal_w, &names)?;
+    let h_eval = float_hessians(&model, &eval_w, &names)?;
     let h_held = if held_w.is_empty() {
         BTreeMap::new()
     } else {
-        hessians(&model, &held_w, &names, last)?
+        float_hessians(&model, &held_w, &names)?
     };
     eprintln!(
         "hessians: {} calib, {} eval, {} held-out windows in {:.1} s",

@@ -8,10 +8,13 @@
 
 use std::path::PathBuf;
 
-use quantlab_models::{text, LlamaTokenizer};
+use ndarray::{Array2, ArrayView2};
+use quantlab_models::{text, CaptureHook, LlamaModel, LlamaTokenizer, BLOCK_LINEARS};
+use quantlab_solvers::hessian::Hessian;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{PipelineError, Result};
 
@@ -118,4 +121,85 @@ pub fn calibration_windows(
     let text = calib.text()?;
     let tokens = tokenizer.encode(&text)?;
     draw_windows(&tokens, nsamples, seqlen, seed, &calib.describe())
+}
+
+/// Full-precision Hessians (`2/n X^T X`, [`Hessian`]) of the inputs of the named block
+/// linears (`model.layers.{i}.{BLOCK_LINEARS[k]}`) over `windows`, keyed by those names.
+///
+/// Nothing is quantized: the blocks run in full precision up to the last block named, so
+/// several quantizers can be compared on the same inputs (studies, tests; the driver's own
+/// sequential captures are in [`crate::quantize_model`]). Linears that share an input (q/k/v,
+/// gate/up) share one accumulation. A name that is not a block linear of `model` is an error
+/// naming it.
+pub fn float_hessians(
+    model: &LlamaModel,
+    windows: &[Vec<u32>],
+    names: &[String],
+) -> Result<BTreeMap<String, Array2<f32>>> {
+    // each name -> the name of the linear whose input it shares (q for k/v, gate for up)
+    let mut input_of = BTreeMap::new();
+    let mut last = 0;
+    for name in names {
+        let parsed = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(b, s)| Some((b.parse::<usize>().ok()?, s)))
+            .and_then(|(b, s)| Some((b, BLOCK_LINEARS.iter().position(|l| *l == s)?)))
+            .filter(|&(b, _)| b < model.n_blocks());
+        let Some((block, kind)) = parsed else {
+            return Err(PipelineError::option(
+                "linear",
+                format!("`{name}` is not a block linear of this model (e.g. model.layers.0.mlp.down_proj)"),
+            ));
+        };
+        let shared = match kind {
+            1 | 2 => 0,
+            5 => 4,
+            k => k,
+        };
+        input_of.insert(
+            name.clone(),
+            format!("model.layers.{block}.{}", BLOCK_LINEARS[shared]),
+        );
+        last = last.max(block);
+    }
+    let wanted: BTreeSet<String> = input_of.values().cloned().collect();
+    let mut acc: BTreeMap<String, Hessian> = BTreeMap::new();
+    for w in windows {
+        let mut err: Option<PipelineError> = None;
+        {
+            let mut hook = CaptureHook::new(wanted.iter().cloned(), |name: &str, x| {
+                if err.is_some() {
+                    return;
+                }
+                let cols = x.dims()[x.dims().len() - 1];
+                let r = quantlab_models::with_f32(x, |v| {
+                    let view = ArrayView2::from_shape((v.len() / cols, cols), v)
+                        .expect("a contiguous [tokens, features] input");
+                    acc.entry(name.to_string())
+                        .or_insert_with(|| Hessian::new(cols))
+                        .add_batch(view, 1)
+                        .map_err(|e| PipelineError::solver(name, e))
+                });
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => err = Some(e),
+                    Err(e) => err = Some(e.into()),
+                }
+            });
+            let mut h = model.embed(&[w.as_slice()])?;
+            for i in 0..=last {
+                h = model.block_forward(i, &h, 0, None, Some(&mut hook))?;
+            }
+        }
+        if let Some(e) = err {
+            return Err(e);
+        }
+    }
+    let finished: BTreeMap<String, Array2<f32>> =
+        acc.into_iter().map(|(k, h)| (k, h.finish())).collect();
+    Ok(input_of
+        .into_iter()
+        .filter_map(|(name, input)| Some((name, finished.get(&input)?.clone())))
+        .collect())
 }

@@ -23,68 +23,21 @@
 //!   behaviour.
 #![allow(non_snake_case)]
 
-use ndarray::{s, Array2, ArrayView2};
+use ndarray::{s, Array2};
 use quantlab_grids::{FormatSpec, GgmlGrid, Granularity};
 use quantlab_models::fetch::{cache_dir, model_path, KnownModel};
-use quantlab_models::{CaptureHook, LlamaModel, LlamaTokenizer};
-use quantlab_pipeline::calib::draw_windows;
+use quantlab_models::{LlamaModel, LlamaTokenizer, BLOCK_LINEARS};
+use quantlab_pipeline::calib::{draw_windows, float_hessians};
 use quantlab_pipeline::config::DEFAULT_GGML_HESSIAN_SHRINK;
 use quantlab_solvers::gptq::{gptq, GptqParams, GroupFit};
-use quantlab_solvers::hessian::Hessian;
 use quantlab_solvers::rel_output_error;
 use quantlab_solvers::rtn::rtn_imatrix;
-use std::collections::BTreeMap;
 use std::path::Path;
 
 const BLOCK: usize = 8;
 const ROWS: usize = 96;
-/// (linear, the linear whose input it shares)
-const LINEARS: [(&str, &str); 7] = [
-    ("self_attn.q_proj", "self_attn.q_proj"),
-    ("self_attn.k_proj", "self_attn.q_proj"),
-    ("self_attn.v_proj", "self_attn.q_proj"),
-    ("self_attn.o_proj", "self_attn.o_proj"),
-    ("mlp.gate_proj", "mlp.gate_proj"),
-    ("mlp.up_proj", "mlp.gate_proj"),
-    ("mlp.down_proj", "mlp.down_proj"),
-];
-
 fn name(suffix: &str) -> String {
     format!("model.layers.{BLOCK}.{suffix}")
-}
-
-/// One Hessian per distinct input of block `BLOCK` over `windows`.
-fn hessians(model: &LlamaModel, windows: &[Vec<u32>]) -> BTreeMap<String, Array2<f32>> {
-    let wanted: Vec<String> = [
-        "self_attn.q_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.down_proj",
-    ]
-    .iter()
-    .map(|s| name(s))
-    .collect();
-    let mut acc: BTreeMap<String, Hessian> = BTreeMap::new();
-    for w in windows {
-        let mut hook = CaptureHook::new(wanted.iter().cloned(), |n: &str, x| {
-            let cols = x.dims()[x.dims().len() - 1];
-            quantlab_models::with_f32(x, |v| {
-                let view = ArrayView2::from_shape((v.len() / cols, cols), v).unwrap();
-                acc.entry(n.to_string())
-                    .or_insert_with(|| Hessian::new(cols))
-                    .add_batch(view, 1)
-                    .unwrap();
-            })
-            .unwrap();
-        });
-        let mut h = model.embed(&[w.as_slice()]).unwrap();
-        for i in 0..=BLOCK {
-            h = model
-                .block_forward(i, &h, 0, None, Some(&mut hook))
-                .unwrap();
-        }
-    }
-    acc.into_iter().map(|(k, h)| (k, h.finish())).collect()
 }
 
 fn consecutive(tokens: &[u32], n: usize) -> Vec<Vec<u32>> {
@@ -142,10 +95,12 @@ fn gptq_on_ggml_grids_beats_weighted_rtn_on_inputs_not_calibrated_on() {
     .unwrap();
     let eval_w = consecutive(&read(quantlab_models::text::shipped_eval()), 4);
     let docs_w = consecutive(&tok.encode(&repo_docs(&root)).unwrap(), 4);
-    let h_cal = hessians(&model, &cal_w);
+    let names: Vec<String> = BLOCK_LINEARS.iter().map(|s| name(s)).collect();
+    let hessians = |w: &[Vec<u32>]| float_hessians(&model, w, &names).unwrap();
+    let h_cal = hessians(&cal_w);
     let others = [
-        ("eval prose", hessians(&model, &eval_w)),
-        ("docs", hessians(&model, &docs_w)),
+        ("eval prose", hessians(&eval_w)),
+        ("docs", hessians(&docs_w)),
     ];
 
     let legacy = [
@@ -156,11 +111,13 @@ fn gptq_on_ggml_grids_beats_weighted_rtn_on_inputs_not_calibrated_on() {
         GgmlGrid::Q8_0,
         GgmlGrid::IQ4_NL,
     ];
-    let mut cases: Vec<(GgmlGrid, Vec<(&str, &str)>)> =
-        legacy.iter().map(|&g| (g, LINEARS.to_vec())).collect();
+    let mut cases: Vec<(GgmlGrid, Vec<&str>)> = legacy
+        .iter()
+        .map(|&g| (g, BLOCK_LINEARS.to_vec()))
+        .collect();
     // the K super-blocks need rows of 256 columns: only down_proj (1536) has them here
     for g in GgmlGrid::K {
-        cases.push((g, vec![LINEARS[6]]));
+        cases.push((g, vec![BLOCK_LINEARS[6]]));
     }
     let mut failures = Vec::new();
     let mut old_q4_0 = (0.0f64, 0.0f64);
@@ -177,13 +134,13 @@ fn gptq_on_ggml_grids_beats_weighted_rtn_on_inputs_not_calibrated_on() {
         };
         // per text: (gptq, rtn) summed over the linears
         let mut sums = vec![(0.0f64, 0.0f64); others.len()];
-        for (lin, input) in linears {
+        for lin in linears {
             let W_full = quantlab_pipeline::tensors::to_array(
                 &model.linear(&name(lin)).unwrap().weight().unwrap(),
             )
             .unwrap();
             let W = W_full.slice(s![..ROWS, ..]).to_owned();
-            let Hc = &h_cal[&name(input)];
+            let Hc = &h_cal[&name(lin)];
             let (rtn, _) = rtn_imatrix(W.view(), grid, Some(Hc.view())).unwrap();
             let (new, _) = gptq(
                 W.view(),
@@ -208,14 +165,14 @@ fn gptq_on_ggml_grids_beats_weighted_rtn_on_inputs_not_calibrated_on() {
                 ));
             }
             for (t, (_, hs)) in others.iter().enumerate() {
-                let H = &hs[&name(input)];
+                let H = &hs[&name(lin)];
                 sums[t].0 += e(&new, H);
                 sums[t].1 += e(&rtn, H);
             }
             if grid == GgmlGrid::Q4_0 {
                 let (old, _) =
                     gptq(W.view(), Hc.view(), &spec, &params(GroupFit::Plain, 0.0)).unwrap();
-                let H = &others[1].1[&name(input)];
+                let H = &others[1].1[&name(lin)];
                 old_q4_0.0 += e(&old.dequantize(), H);
                 old_q4_0.1 += e(&rtn, H);
             }

@@ -122,8 +122,8 @@ pub enum GroupFit {
     /// The importance-weighted search with `1 / U[p, p]^2` as the importance of the column at
     /// position `p` (`U` the Cholesky factor of `H^-1` in quantization order): GPTQ's own cost
     /// of a rounding error `e` in that column, `e^2 / U[p, p]^2`, once the later columns have
-    /// compensated it (the loss of Algorithm 1). Falls back to `HessianDiag` for groups
-    /// fitted before the factorization exists (none today: static groups are fitted after).
+    /// compensated it (the loss of Algorithm 1). Static groups are fitted after the
+    /// factorization, so they use these weights too.
     Gptq,
 }
 
