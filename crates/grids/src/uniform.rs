@@ -17,6 +17,28 @@ use crate::format::{Format, GroupParams};
 use crate::{GridError, Result};
 use serde::{Deserialize, Serialize};
 
+/// Round half to even, as `f32::round_ties_even`, without its libm call on targets without
+/// SSE4.1 (the x86-64 baseline): for `|x| < 2^22` the sum `x + 1.5 * 2^23` lies where the f32
+/// spacing is 1, so the addition itself rounds `x` to an integer, ties to even (the constant
+/// is even), and subtracting the constant is exact. Larger values (and NaN) take the library
+/// call. The result differs from `round_ties_even` only in the sign of a zero.
+///
+/// ```
+/// # use quantlab_grids::uniform::rne;
+/// for x in [-2.5f32, -1.5, -0.5, 0.5, 1.5, 2.5, 3.49, -7.51, 1e7, -4194303.5] {
+///     assert_eq!(rne(x), x.round_ties_even(), "{x}");
+/// }
+/// ```
+#[inline(always)]
+pub fn rne(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    if x.abs() < 4_194_304.0 {
+        (x + SHIFT) - SHIFT
+    } else {
+        x.round_ties_even()
+    }
+}
+
 /// The reference GPTQ clipping search parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MseClip {
@@ -110,7 +132,7 @@ impl UniformGrid {
         let zero = if self.sym {
             (maxq + 1.0) / 2.0
         } else {
-            (-xmin / scale).round_ties_even()
+            rne(-xmin / scale)
         };
         GroupParams { scale, zero }
     }
@@ -136,7 +158,7 @@ impl UniformGrid {
     /// Quantize with explicit parameters (the reference `quantize(x, scale, zero, maxq)`).
     #[inline]
     pub fn quantize_with(&self, x: f32, p: GroupParams) -> f32 {
-        let q = ((x / p.scale).round_ties_even() + p.zero).clamp(0.0, self.maxq());
+        let q = (rne(x / p.scale) + p.zero).clamp(0.0, self.maxq());
         p.scale * (q - p.zero)
     }
 
@@ -216,7 +238,7 @@ impl Format for UniformGrid {
 
     #[inline]
     fn encode(&self, x: f32, p: GroupParams) -> u8 {
-        ((x / p.scale).round_ties_even() + p.zero).clamp(0.0, self.maxq()) as u8
+        (rne(x / p.scale) + p.zero).clamp(0.0, self.maxq()) as u8
     }
 
     #[inline]

@@ -65,13 +65,41 @@ pub(crate) fn par_fill(
     v
 }
 
+/// Defines `fn $name(args) -> ret` that runs its body compiled for AVX2 when the CPU has it,
+/// and for the build's baseline (SSE2 on x86-64) otherwise. The body and the helpers it calls
+/// (`#[inline(always)]`: [`fast_exp`], [`sum_lanes`], [`max_lanes`]) are inlined into both
+/// copies, so the same loops vectorise 8 lanes wide instead of 4. The results are the same
+/// bits: Rust never contracts `a * b + c` into an FMA, and the lane accumulators fix the
+/// order of every sum.
+macro_rules! avx2_kernel {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
 /// Rows processed per rayon task: enough work to amortise scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
 }
 
 /// Sum with 8 independent accumulators, so that the loop vectorises.
-#[inline]
+#[inline(always)]
 fn sum_lanes(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let mut it = x.chunks_exact(8);
@@ -88,7 +116,7 @@ fn sum_lanes(x: &[f32]) -> f32 {
 }
 
 /// Maximum with 8 independent lanes (NaN-free input), so that the loop vectorises.
-#[inline]
+#[inline(always)]
 fn max_lanes(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let mut it = x.chunks_exact(8);
@@ -112,24 +140,32 @@ pub(crate) fn rms_norm(x: &Tensor, w: &[f32], eps: f32) -> Result<Tensor> {
         let rpt = rows_per_task(d);
         par_fill(xs.len(), d * rpt, |ci, o| {
             let xi = &xs[ci * d * rpt..ci * d * rpt + o.len()];
-            for (orow, xrow) in o.chunks_mut(d).zip(xi.chunks(d)) {
-                let mut acc = [0f32; 8];
-                let mut it = xrow.chunks_exact(8);
-                for c in &mut it {
-                    for i in 0..8 {
-                        acc[i] += c[i] * c[i];
-                    }
-                }
-                let ss: f32 =
-                    acc.iter().sum::<f32>() + it.remainder().iter().map(|v| v * v).sum::<f32>();
-                let r = 1.0 / (ss / d as f32 + eps).sqrt();
-                for ((o, &v), &g) in orow.iter_mut().zip(xrow).zip(w) {
-                    *o = v * r * g;
-                }
-            }
+            rms_norm_rows(o, xi, w, eps);
         })
     })?;
     tensor(out, &shape)
+}
+
+avx2_kernel! {
+    /// [`rms_norm`] on whole rows of `w.len()` values.
+    fn rms_norm_rows(o: &mut [f32], xi: &[f32], w: &[f32], eps: f32) {
+        let d = w.len();
+        for (orow, xrow) in o.chunks_mut(d).zip(xi.chunks(d)) {
+            let mut acc = [0f32; 8];
+            let mut it = xrow.chunks_exact(8);
+            for c in &mut it {
+                for i in 0..8 {
+                    acc[i] += c[i] * c[i];
+                }
+            }
+            let ss: f32 =
+                acc.iter().sum::<f32>() + it.remainder().iter().map(|v| v * v).sum::<f32>();
+            let r = 1.0 / (ss / d as f32 + eps).sqrt();
+            for ((o, &v), &g) in orow.iter_mut().zip(xrow).zip(w) {
+                *o = v * r * g;
+            }
+        }
+    }
 }
 
 /// Rotary tables for positions `pos0 .. pos0 + n`: `cos`, `sin` of shape `[n, half]`.
@@ -316,6 +352,7 @@ pub(crate) fn linear(x: &Tensor, wt: &Tensor, bias: Option<&Tensor>) -> Result<T
     tensor(out, &shape)
 }
 
+avx2_kernel! {
 /// Causal softmax of scaled scores, in place, row by row.
 ///
 /// `s` holds `rows` rows of `t_keys` scores; row `r` belongs to query token `r / g` at
@@ -348,6 +385,7 @@ fn causal_softmax_rows(
         row[..lo].fill(0.0);
         row[hi..].fill(0.0);
     }
+}
 }
 
 /// Causal scaled dot-product attention for grouped queries.
@@ -446,10 +484,7 @@ pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         with_f32(b, |ys| {
             par_fill(xs.len(), ELEMWISE_TASK, |ci, o| {
                 let at = ci * ELEMWISE_TASK;
-                let (x, y) = (&xs[at..at + o.len()], &ys[at..at + o.len()]);
-                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                    *o = x + y;
-                }
+                add_chunk(o, &xs[at..at + o.len()], &ys[at..at + o.len()]);
             })
         })
     })??;
@@ -463,14 +498,29 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         with_f32(up, |us| {
             par_fill(gs.len(), ELEMWISE_TASK, |ci, o| {
                 let at = ci * ELEMWISE_TASK;
-                let (g, u) = (&gs[at..at + o.len()], &us[at..at + o.len()]);
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + fast_exp(-g)) * u;
-                }
+                silu_mul_chunk(o, &gs[at..at + o.len()], &us[at..at + o.len()]);
             })
         })
     })??;
     tensor(out, &shape)
+}
+
+avx2_kernel! {
+    /// `o = x + y`.
+    fn add_chunk(o: &mut [f32], x: &[f32], y: &[f32]) {
+        for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+            *o = x + y;
+        }
+    }
+}
+
+avx2_kernel! {
+    /// `o = silu(g) * u`.
+    fn silu_mul_chunk(o: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + fast_exp(-g)) * u;
+        }
+    }
 }
 
 /// Negative log-likelihoods `logsumexp(logits_r) - logits_r[target_r]` of each row of
@@ -480,24 +530,29 @@ pub(crate) fn row_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
     with_f32(logits, |l| {
         l.par_chunks(vocab)
             .zip(targets.par_iter())
-            .map(|(row, &t)| {
-                let m = max_lanes(row);
-                // 8 partial sums so the loop vectorises.
-                let mut acc = [0f32; 8];
-                let mut chunks = row.chunks_exact(8);
-                for c in &mut chunks {
-                    for i in 0..8 {
-                        acc[i] += fast_exp(c[i] - m);
-                    }
-                }
-                let mut sum: f64 = acc.iter().map(|&a| a as f64).sum();
-                for &v in chunks.remainder() {
-                    sum += fast_exp(v - m) as f64;
-                }
-                (m as f64 + sum.ln()) - row[t as usize] as f64
-            })
+            .map(|(row, &t)| nll_row(row, t as usize))
             .collect()
     })
+}
+
+avx2_kernel! {
+    /// `logsumexp(row) - row[t]`.
+    fn nll_row(row: &[f32], t: usize) -> f64 {
+        let m = max_lanes(row);
+        // 8 partial sums so the loop vectorises.
+        let mut acc = [0f32; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                acc[i] += fast_exp(c[i] - m);
+            }
+        }
+        let mut sum: f64 = acc.iter().map(|&a| a as f64).sum();
+        for &v in chunks.remainder() {
+            sum += fast_exp(v - m) as f64;
+        }
+        (m as f64 + sum.ln()) - row[t] as f64
+    }
 }
 
 #[cfg(test)]
