@@ -105,6 +105,10 @@ pub struct BenchQuantizeArgs {
     /// evaluation pass over as many tokens.
     #[arg(long)]
     pub eval_pass: bool,
+    /// AWQ: windows the scale candidates are scored on (and the statistics taken from), as
+    /// `quantize --awq-samples`.
+    #[arg(long, default_value_t = QuantizeConfig::default().awq_samples)]
+    pub awq_samples: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -144,6 +148,7 @@ fn run_bench_quantize(a: &BenchQuantizeArgs) -> Result<()> {
         batch_size: a.batch_size,
         format: ExportFormat::parse(&a.format)?,
         lazy: a.lazy,
+        awq_samples: a.awq_samples,
         ..Default::default()
     };
     let mut job = QuantizeJob::new(model, config);

@@ -135,8 +135,9 @@ pub struct QuantizeArgs {
     /// larger than half the RAM still quantizes; `--eval` after quantization is slower.
     #[arg(long)]
     pub lazy: bool,
-    /// AWQ: windows used to score the scale candidates on the block output.
-    #[arg(long, default_value_t = 16)]
+    /// AWQ: the first N calibration windows, on which the scale candidates are scored (on
+    /// the block output) and the statistics (mean |x|, the clip search's rows) are taken.
+    #[arg(long, default_value_t = QuantizeConfig::default().awq_samples)]
     pub awq_samples: usize,
     /// Checkpoint layout: `quantlab` (the project's own directory, default), `gptq`
     /// (checkpoint_format "gptq", zeros minus one, what transformers / AutoGPTQ / vLLM load),

@@ -21,8 +21,9 @@
 //! block's float weights) measures each layer's output error.
 //!
 //! # AWQ (AutoAWQ's order inside a block)
-//! One float forward captures the statistics of the four inputs (mean `|x|`, `H`, and 512
-//! stride-sampled rows for the clip search). The scales are searched on the float block:
+//! A float forward of the first `awq_samples` windows (the search subset) captures the
+//! statistics of the four inputs (mean `|x|`, `H`, and 512 stride-sampled rows for the clip
+//! search). The scales are searched on the float block:
 //! `input_layernorm -> [q, k, v]` scored on the attention output (the residual after
 //! attention, i.e. the block output without its MLP), `v -> o` (only without grouped-query attention; otherwise skipped) scored on
 //! `o`'s output, `post_attention_layernorm -> [gate, up]` scored on the block output, and
@@ -144,8 +145,8 @@ pub fn quantize_model(
         inps.push(model.embed(&refs)?);
     }
     t.forward += t0.elapsed().as_secs_f64();
-    let total_rows = windows.len() * seqlen;
-    let clip_stride = (total_rows / 512).max(1);
+    // AWQ's clip search sees about 512 rows of the search subset (AutoAWQ's n_sample_token)
+    let clip_stride = (windows.len().min(cfg.awq_samples) * seqlen / 512).max(1);
 
     let mut layers: Vec<QuantizedLayer> = Vec::new();
     let mut reports: Vec<LayerReport> = Vec::new();

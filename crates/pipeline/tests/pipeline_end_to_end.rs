@@ -714,7 +714,18 @@ fn awq_staged_search_equals_whole_block_search() {
             m.embed(&r).unwrap()
         })
         .collect();
-    // mean |x| of the q and gate inputs over every calibration token
+    // the first awq_samples windows
+    let mut subset = Vec::new();
+    let mut left = c.awq_samples;
+    for h in &inps {
+        let take = h.dims()[0].min(left);
+        if take > 0 {
+            subset.push(h.narrow(0, 0, take).unwrap());
+        }
+        left -= take;
+    }
+    // mean |x| of the q and gate inputs over the subset's tokens (the driver's statistics
+    // come from the windows it searches on)
     let q_name = "model.layers.0.self_attn.q_proj";
     let g_name = "model.layers.0.mlp.gate_proj";
     let mut sums: std::collections::BTreeMap<String, (Vec<f64>, usize)> = Default::default();
@@ -731,7 +742,7 @@ fn awq_staged_search_equals_whole_block_search() {
                 e.1 += 1;
             }
         });
-        for h in &inps {
+        for h in &subset {
             m.block_forward(0, h, 0, None, Some(&mut hook)).unwrap();
         }
     }
@@ -744,16 +755,6 @@ fn awq_staged_search_equals_whole_block_search() {
             H_clip: Array2::zeros((d, d)),
         }
     };
-    // the first awq_samples windows
-    let mut subset = Vec::new();
-    let mut left = c.awq_samples;
-    for h in &inps {
-        let take = h.dims()[0].min(left);
-        if take > 0 {
-            subset.push(h.narrow(0, 0, take).unwrap());
-        }
-        left -= take;
-    }
     let mse = |a: &[Tensor], b: &[Tensor]| -> f64 {
         let (mut s, mut n) = (0.0, 0usize);
         for (x, y) in a.iter().zip(b) {

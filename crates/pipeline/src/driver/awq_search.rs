@@ -54,25 +54,24 @@ pub(super) fn awq_block(
 ) -> Result<Option<Vec<Tensor>>> {
     let cfgm = model.config().clone();
     let gqa = cfgm.num_key_value_heads != cfgm.num_attention_heads;
-    bar.set_message(format!("block {i}: capturing (float block)"));
-    let caps = capture(model, i, inps, &[Q, O, GATE, DOWN], Some(clip_stride), t)?;
-    let stats: BTreeMap<usize, AwqStats> = caps
-        .iter()
-        .map(|(&k, c)| Ok((k, c.awq_stats()?)))
-        .collect::<Result<_>>()?;
-    let W0: Vec<Array2<f32>> = (0..7)
-        .map(|k| weight_of(model, &lps[k].name))
-        .collect::<Result<_>>()?;
-    let ts = Instant::now();
     let subset = first_windows(inps, cfg.awq_samples)?;
     let sub_b: Vec<usize> = subset.iter().map(|h| h.dims()[0]).collect();
-    // The float block's stages on the subset, once: a scale candidate changes the linears of
-    // one stage only, so each search re-runs from that stage on. The q/k/v search scores the
-    // block with its MLP removed (the residual after attention), the gate/up search the whole
-    // block; both equal running the whole block with the MLP's linears stubbed to zero, or
-    // not, for every candidate (the same operations in the same order), at a fraction of
-    // the cost.
+    // One float pass of the block over the search subset gives AutoAWQ's statistics of
+    // the four inputs (mean |x|, H for the per-layer error, the clip search's rows: from the
+    // inputs it searches on) and the stages each scale candidate re-runs from: a candidate
+    // changes the linears of one stage only. The q/k/v search scores the block with its MLP
+    // removed (the residual after attention), the gate/up search the whole block; both
+    // equal running the whole block with the MLP's linears stubbed to zero, or not, for
+    // every candidate (the same operations in the same order), at a fraction of the cost.
+    // The whole calibration set goes through the block once, quantized, for the next
+    // block's inputs (the caller's forward).
+    bar.set_message(format!("block {i}: float block on the search subset"));
     let tf = Instant::now();
+    let mut caps: BTreeMap<usize, Capture> = BTreeMap::new();
+    for k in [Q, O, GATE, DOWN] {
+        caps.insert(k, Capture::new(model.linear(&lps[k].name)?.in_features()));
+    }
+    let mut hess_s = 0.0;
     let (sub_x, sub_resid, sub_x2, ref_full) = {
         let m: &LlamaModel = model;
         let mut xs = Vec::new();
@@ -83,15 +82,31 @@ pub(super) fn awq_block(
             let x = m.block_attn_input(i, h)?;
             let a = m.block_attention(i, &x, b)?;
             let (r, x2) = m.block_mlp_input(i, h, &a)?;
-            full.push(m.block_output(i, &r, &m.block_mlp_act(i, &x2)?)?);
+            let act = m.block_mlp_act(i, &x2)?;
+            full.push(m.block_output(i, &r, &act)?);
+            let th = Instant::now();
+            for (k, inp) in [(Q, &x), (O, &a), (GATE, &x2), (DOWN, &act)] {
+                let c = caps.get_mut(&k).expect("captured input");
+                c.add(&lps[k].name, inp, b, Some(clip_stride))?;
+            }
+            hess_s += th.elapsed().as_secs_f64();
             xs.push(x);
             resid.push(r);
             x2s.push(x2);
         }
         (xs, resid, x2s, full)
     };
+    t.hessian += hess_s;
+    t.forward += tf.elapsed().as_secs_f64() - hess_s;
+    let stats: BTreeMap<usize, AwqStats> = caps
+        .iter()
+        .map(|(&k, c)| Ok((k, c.awq_stats()?)))
+        .collect::<Result<_>>()?;
+    let W0: Vec<Array2<f32>> = (0..7)
+        .map(|k| weight_of(model, &lps[k].name))
+        .collect::<Result<_>>()?;
+    let ts = Instant::now();
     let ref_attn = &sub_resid;
-    t.forward += tf.elapsed().as_secs_f64();
     let attn_out = |m: &LlamaModel| -> Result<Vec<Tensor>> {
         subset
             .iter()

@@ -102,6 +102,26 @@ impl Capture {
         }
     }
 
+    /// One batch of the input (`[rows, in]`, from `seqs` sequences): into `H`, and with
+    /// `awq = Some(stride)` into AWQ's statistics too.
+    pub(super) fn add(
+        &mut self,
+        name: &str,
+        x: &Tensor,
+        seqs: usize,
+        awq: Option<usize>,
+    ) -> Result<()> {
+        with_view(x, |X| {
+            self.H
+                .add_batch(X, seqs)
+                .map_err(|e| PipelineError::solver(name, e))?;
+            if let Some(stride) = awq {
+                self.add_awq_rows(X, stride);
+            }
+            Ok(())
+        })
+    }
+
     /// AWQ's statistics of a batch: `sum |x|` per column (in f64, each column summed row by
     /// row; column blocks in parallel) and every `stride`-th row for the clip search.
     pub(super) fn add_awq_rows(&mut self, X: ArrayView2<f32>, stride: usize) {
@@ -180,16 +200,11 @@ pub(super) fn capture(
                 .position(|n| n == name)
                 .map(|p| targets[p])
                 .expect("hooked name");
-            let r = with_view(x, |X| {
-                let mut caps = caps.borrow_mut();
-                let c = caps.get_mut(&k).expect("capture");
-                c.H.add_batch(X, seqs)
-                    .map_err(|e| PipelineError::solver(name, e))?;
-                if let Some(stride) = awq {
-                    c.add_awq_rows(X, stride);
-                }
-                Ok(())
-            });
+            let r = caps
+                .borrow_mut()
+                .get_mut(&k)
+                .expect("capture")
+                .add(name, x, seqs, awq);
             if let Err(e) = r {
                 *err.borrow_mut() = Some(e);
             }
