@@ -75,6 +75,15 @@ pub fn plan_bert(job: &QuantizeJob, bc: &BertConfig) -> Result<Plan> {
             ),
         ));
     }
+    if c.format != crate::export::ExportFormat::Quantlab {
+        return Err(PipelineError::option(
+            "--format",
+            format!(
+                "{}: BERT encoders are written in quantlab's own format only (drop --format); GPTQ, AWQ, bitsandbytes and GGUF exports are for LLaMA-family models",
+                c.format
+            ),
+        ));
+    }
     let h = bc.hidden_size;
     let f = bc.intermediate_size;
     let shapes = [(h, h), (h, h), (h, h), (h, h), (f, h), (h, f)];

@@ -199,7 +199,10 @@ pub struct QuantizeConfig {
     /// GPTQ: re-capture the inputs after each group of the block is quantized (q,k,v; o;
     /// gate,up; down). When false, one capture per block with the block's original weights.
     pub true_sequential: bool,
-    /// AWQ: calibration windows used to score the scale candidates on the block output.
+    /// AWQ: the first N calibration windows, on which the scale candidates are scored on the
+    /// block output and from which the float block's statistics (mean `|x|`, `H` for the
+    /// per-layer error, the clip search's rows) are taken; every window goes through the
+    /// quantized block for the next block's inputs.
     pub awq_samples: usize,
     /// AWQ: fold the searched scales into the model without quantizing (experiments; the
     /// saved model is then the float model re-parametrised).
@@ -248,7 +251,7 @@ impl Default for QuantizeConfig {
             seed: 0,
             batch_size: 8,
             true_sequential: true,
-            awq_samples: 16,
+            awq_samples: 8,
             awq_fold_only: false,
             format: ExportFormat::Quantlab,
             lazy: false,
@@ -546,15 +549,14 @@ impl QuantizeConfig {
                 })
             })
             .collect();
-        let mut plan = self.plan_linears(&linears, "model.layers.0.mlp.down_proj")?;
+        let mut notes = Vec::new();
         if m.uses_awq() && mc.num_key_value_heads != mc.num_attention_heads {
-            plan.notes.insert(0, format!(
+            notes.push(format!(
                 "AWQ: v_proj -> o_proj scaling skipped: the model uses grouped-query attention ({} KV heads for {} heads)",
                 mc.num_key_value_heads, mc.num_attention_heads
             ));
         }
-        adjust_plan(self, &mut plan)?;
-        Ok(plan)
+        self.build_plan(&linears, "model.layers.0.mlp.down_proj", notes)
     }
 
     /// The architecture-independent part of [`QuantizeConfig::plan`]: resolves defaults, skips
@@ -565,6 +567,18 @@ impl QuantizeConfig {
         &self,
         linears: &[(String, usize, usize, (usize, usize))],
         example: &str,
+    ) -> Result<Plan> {
+        self.build_plan(linears, example, Vec::new())
+    }
+
+    /// [`QuantizeConfig::plan_linears`] with the architecture's notes first. Each linear's
+    /// settings are final when it enters the plan: the method's defaults, then the skips and
+    /// overrides, then the format's rule for that linear ([`ExportFormat::fit_layer`]).
+    fn build_plan(
+        &self,
+        linears: &[(String, usize, usize, (usize, usize))],
+        example: &str,
+        mut notes: Vec<String>,
     ) -> Result<Plan> {
         self.validate()?;
         let m = self.method;
@@ -622,7 +636,7 @@ impl QuantizeConfig {
                     }
                 }
                 let spec = self.spec(b, sym)?;
-                layers.push(LayerPlan {
+                layers.push(self.format.fit_layer(LayerPlan {
                     name,
                     block,
                     kind,
@@ -635,7 +649,7 @@ impl QuantizeConfig {
                     damp,
                     spec,
                     granularity,
-                });
+                })?);
             }
         }
         if let Some(i) = used_skip.iter().position(|u| !u) {
@@ -656,13 +670,13 @@ impl QuantizeConfig {
                 ),
             ));
         }
-        let mut notes = Vec::new();
         if m == Method::AwqGptq {
             notes.push("awq+gptq: AWQ scales only (no clipping: GPTQ fits each group's range itself; add --mse for a range search), then true-sequential GPTQ on the scaled weights".into());
         }
         if !m.needs_calibration() {
             notes.push(format!("{m}: data-free without calibration (errors measured on the weights); with calibration text it measures each layer's output error (one capture per block) and, on ggml grids, weights each block's scale by the inputs' importance"));
         }
+        notes.extend(self.format.plan_notes(m, &layers));
         Ok(Plan {
             method: m,
             bits,
@@ -812,25 +826,22 @@ impl ExportFormat {
             }
         }
     }
-}
 
-/// Fixes the plan for the format (after the method's defaults): per-layer GGUF grids (K
-/// types: the K grid with groups of its sub-blocks for rows that are multiples of 256, the
-/// fallback grid for shorter rows), and the shape checks the format needs, each naming the
-/// linear.
-pub(crate) fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
-    let f = c.format;
-    let fname = f.name();
-    let bad = |name: &str, d: String| {
-        Err(PipelineError::option(
-            "--format",
-            format!("{fname}: linear `{name}` {d}"),
-        ))
-    };
-    let mut k_layers = 0;
-    for lp in plan.layers.iter_mut() {
+    /// The format's rule for one linear, applied as the plan is built (after the method's
+    /// defaults, skips and overrides): the per-layer GGUF grid (K types: the K grid with
+    /// groups of its sub-blocks for rows that are multiples of 256, the fallback grid for
+    /// shorter rows; a float type quantizes nothing), and the shape checks the format
+    /// needs, each naming the linear.
+    pub fn fit_layer(&self, mut lp: LayerPlan) -> Result<LayerPlan> {
+        let fname = self.name();
+        let bad = |name: &str, d: String| {
+            Err(PipelineError::option(
+                "--format",
+                format!("{fname}: linear `{name}` {d}"),
+            ))
+        };
         let (out, inp) = lp.shape;
-        match f {
+        match *self {
             ExportFormat::Quantlab | ExportFormat::BnbInt8 => {}
             ExportFormat::Gptq | ExportFormat::GptqV2 => {
                 if !lp.skip && (inp % 32 != 0 || out % 32 != 0) {
@@ -857,10 +868,10 @@ pub(crate) fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
             ExportFormat::Gguf(t) => {
                 if !t.is_quantized() {
                     lp.skip = true;
-                    continue;
+                    return Ok(lp);
                 }
                 if lp.skip {
-                    continue;
+                    return Ok(lp);
                 }
                 let lt = type_for_row(t, inp);
                 if inp % 32 != 0 {
@@ -872,9 +883,6 @@ pub(crate) fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
                 let Some(g) = grid_of(lt) else {
                     return bad(&lp.name, format!("cannot be quantized to {}", lt.name()));
                 };
-                if g.is_k() {
-                    k_layers += 1;
-                }
                 lp.spec = FormatSpec::Ggml(g);
                 lp.granularity = Granularity::Group(g.group_len());
                 lp.group_size = g.group_len() as i64;
@@ -882,25 +890,37 @@ pub(crate) fn adjust_plan(c: &QuantizeConfig, plan: &mut Plan) -> Result<()> {
                 lp.sym = true;
             }
         }
+        Ok(lp)
     }
-    if let ExportFormat::Gguf(t) = f {
+
+    /// What the plan's notes say about this format, given its final layers.
+    fn plan_notes(&self, m: Method, layers: &[LayerPlan]) -> Vec<String> {
+        let mut notes = Vec::new();
+        let ExportFormat::Gguf(t) = *self else {
+            return notes;
+        };
+        let fname = self.name();
         if !t.is_quantized() {
-            plan.notes.push(format!(
+            notes.push(format!(
                 "{fname}: nothing is quantized; every tensor is written as {}",
                 t.name()
             ));
-        } else if is_k_type(t) {
-            let fb = k_fallback(t);
-            plan.notes.push(format!(
-                "{fname}: {k_layers} linears with rows of whole 256-blocks are quantized on the {} grid (each super-block's d, dmin and sub-block scales fitted together, {} method), the others on the {} grid (llama.cpp's fallback)",
+            return notes;
+        }
+        if is_k_type(t) {
+            let k_layers = layers
+                .iter()
+                .filter(|l| !l.skip && matches!(l.spec, FormatSpec::Ggml(g) if g.is_k()))
+                .count();
+            notes.push(format!(
+                "{fname}: {k_layers} linears with rows of whole 256-blocks are quantized on the {} grid (each super-block's d, dmin and sub-block scales fitted together, {m} method), the others on the {} grid (llama.cpp's fallback)",
                 t.name(),
-                c.method,
-                fb.name(),
+                k_fallback(t).name(),
             ));
         }
-        if c.method == Method::Rtn && t.is_quantized() {
-            plan.notes.push(format!("{fname}: rtn fits each block's scale with the importance matrix diag(X^T X) of the calibration capture (llama.cpp's imatrix)"));
+        if m == Method::Rtn {
+            notes.push(format!("{fname}: rtn fits each block's scale with the importance matrix diag(X^T X) of the calibration capture (llama.cpp's imatrix)"));
         }
+        notes
     }
-    Ok(())
 }

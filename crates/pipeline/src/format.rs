@@ -3,7 +3,8 @@
 //! is, apart from the writers ([`crate::export`]) and the plan checks ([`crate::config`]).
 
 use quantlab_checkpoints::gguf::GgmlType;
-use quantlab_grids::{FormatSpec, GgmlGrid};
+pub use quantlab_checkpoints::pack::gguf_blocks::{grid_of, is_k_type};
+use quantlab_grids::FormatSpec;
 
 use crate::method::Method;
 use crate::{PipelineError, Result};
@@ -31,7 +32,9 @@ pub enum ExportFormat {
     Gguf(GgmlType),
 }
 
-/// The GGUF types `--format gguf:<type>` accepts.
+/// The GGUF file types `--format gguf:<type>` accepts: the block types with a grid
+/// ([`quantlab_checkpoints::pack::gguf_blocks::BLOCK_TYPES`]) that llama.cpp offers as a
+/// file type here, IQ4_NL being written only as the K types' fallback, and the two floats.
 pub const GGUF_TYPES: [GgmlType; 12] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
@@ -59,14 +62,6 @@ impl std::fmt::Display for ExportFormat {
     }
 }
 
-/// Whether `ty` is one of ggml's K types (super-blocks of 256).
-pub fn is_k_type(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
-    )
-}
-
 /// The type llama.cpp writes instead of a K type for rows that are not a multiple of 256
 /// (`llama_tensor_get_type`): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K and Q3_K ->
 /// IQ4_NL (4.5 bits per weight, 16 non-uniform levels). Other types are returned unchanged.
@@ -87,24 +82,6 @@ pub fn type_for_row(ty: GgmlType, nx: usize) -> GgmlType {
     } else {
         k_fallback(ty)
     }
-}
-
-/// The ggml grid of a block type (legacy or K).
-pub fn grid_of(ty: GgmlType) -> Option<GgmlGrid> {
-    Some(match ty {
-        GgmlType::Q2_K => GgmlGrid::Q2_K,
-        GgmlType::Q3_K => GgmlGrid::Q3_K,
-        GgmlType::Q4_K => GgmlGrid::Q4_K,
-        GgmlType::Q5_K => GgmlGrid::Q5_K,
-        GgmlType::Q6_K => GgmlGrid::Q6_K,
-        GgmlType::Q4_0 => GgmlGrid::Q4_0,
-        GgmlType::Q4_1 => GgmlGrid::Q4_1,
-        GgmlType::Q5_0 => GgmlGrid::Q5_0,
-        GgmlType::Q5_1 => GgmlGrid::Q5_1,
-        GgmlType::Q8_0 => GgmlGrid::Q8_0,
-        GgmlType::IQ4_NL => GgmlGrid::IQ4_NL,
-        _ => return None,
-    })
 }
 
 /// The type llama.cpp's quantizer gives the embedding / output matrix of a file of type
@@ -215,7 +192,7 @@ impl ExportFormat {
 
     /// The number format the driver quantizes onto for this format, when it is not the
     /// method's own: the ggml grid of the type (the K types' fallback grid, fixed per layer
-    /// by [`adjust_plan`]), or the codebook for GPTQ onto bitsandbytes.
+    /// by [`ExportFormat::fit_layer`]), or the codebook for GPTQ onto bitsandbytes.
     pub fn spec_override(&self, m: Method) -> Option<FormatSpec> {
         match self {
             Self::Gguf(t) => grid_of(k_fallback(*t)).map(FormatSpec::Ggml),

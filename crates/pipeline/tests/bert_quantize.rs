@@ -162,4 +162,15 @@ fn minilm_options_that_do_not_fit_are_refused_before_any_work() {
     };
     let e = run(&QuantizeJob::new(&src, nf4), None).unwrap_err();
     assert!(e.to_string().contains("encoder.layer.0"), "{e}");
+    // an export layout the BERT writer does not have is refused, not silently replaced
+    let gguf = QuantizeConfig {
+        format: quantlab_pipeline::export::ExportFormat::parse("gguf:q4_0").unwrap(),
+        bits: None,
+        ..config(Method::Rtn, 4)
+    };
+    let e = run(&QuantizeJob::new(&src, gguf), None).unwrap_err();
+    assert!(
+        e.to_string().contains("--format") && e.to_string().contains("BERT"),
+        "{e}"
+    );
 }

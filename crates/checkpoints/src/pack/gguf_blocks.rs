@@ -1183,6 +1183,40 @@ pub fn has_blocks(ty: GgmlType) -> bool {
     BLOCK_TYPES.contains(&ty)
 }
 
+/// The number format ([`GgmlGrid`], `quantlab-grids`) a block type stores: the one map from
+/// a file's type to the grid the solvers quantize onto. `None` for the types without
+/// blocks here (floats, the IQ types but IQ4_NL, the activation types).
+///
+/// ```
+/// use quantlab_checkpoints::pack::gguf_blocks::{grid_of, BLOCK_TYPES, GgmlType};
+/// use quantlab_grids::GgmlGrid;
+/// assert_eq!(grid_of(GgmlType::Q4_K), Some(GgmlGrid::Q4_K));
+/// assert_eq!(grid_of(GgmlType::F16), None);
+/// // exactly the types with a block struct have a grid
+/// assert!(GgmlType::ALL.iter().all(|&t| grid_of(t).is_some() == BLOCK_TYPES.contains(&t)));
+/// ```
+pub fn grid_of(ty: GgmlType) -> Option<GgmlGrid> {
+    Some(match ty {
+        GgmlType::Q4_0 => GgmlGrid::Q4_0,
+        GgmlType::Q4_1 => GgmlGrid::Q4_1,
+        GgmlType::Q5_0 => GgmlGrid::Q5_0,
+        GgmlType::Q5_1 => GgmlGrid::Q5_1,
+        GgmlType::Q8_0 => GgmlGrid::Q8_0,
+        GgmlType::Q2_K => GgmlGrid::Q2_K,
+        GgmlType::Q3_K => GgmlGrid::Q3_K,
+        GgmlType::Q4_K => GgmlGrid::Q4_K,
+        GgmlType::Q5_K => GgmlGrid::Q5_K,
+        GgmlType::Q6_K => GgmlGrid::Q6_K,
+        GgmlType::IQ4_NL => GgmlGrid::IQ4_NL,
+        _ => return None,
+    })
+}
+
+/// Whether `ty` is one of ggml's K types (super-blocks of 256 with sub-block scales).
+pub fn is_k_type(ty: GgmlType) -> bool {
+    grid_of(ty).is_some_and(|g| g.is_k())
+}
+
 macro_rules! dispatch {
     ($ty:expr, $B:ident => $body:expr, $other:ident => $fallback:expr) => {
         match $ty {
