@@ -29,7 +29,8 @@ enum Command {
     Fetch(fetch::FetchArgs),
     /// Generate text from a prompt with a LLaMA-style model (chat template applied).
     Generate(generate::GenerateArgs),
-    /// Evaluate a model: `eval ppl` (perplexity on a text file).
+    /// Evaluate a model: `eval ppl` (perplexity on a text file), `eval kld` (KL divergence
+    /// from a base model), `eval embed` (sentence embeddings).
     Eval(eval::EvalArgs),
     /// List the tensors (and GGUF metadata) of a GGUF or safetensors file.
     Inspect(inspect::InspectArgs),

@@ -13,6 +13,7 @@ pub use error::{ModelError, Result};
 
 pub mod config;
 pub mod generate;
+pub mod kld;
 pub mod linear;
 pub mod llama;
 mod ops;
@@ -24,6 +25,7 @@ pub mod weights;
 pub use candle_core;
 pub use config::{Architecture, LlamaConfig, RopeScaling};
 pub use generate::{generate, generate_chat, GenerateParams, Generation};
+pub use kld::{kl_divergence, save_base, KldBase, KldReport, SavedBase, SavedBaseFacts};
 pub use linear::{CodesLinear, DenseLinear, LazyLinear, Linear};
 pub use llama::{CaptureHook, KvCache, LlamaBlock, LlamaModel, BLOCK_LINEARS};
 pub use ops::{gemm_gflops, with_f32};

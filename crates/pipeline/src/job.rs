@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use quantlab_models::{perplexity, text, LlamaConfig, LlamaModel, LlamaTokenizer, PplParams};
+use quantlab_models::{kl_divergence, text, KldBase, LlamaConfig, LlamaTokenizer, PplParams};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -331,17 +331,6 @@ fn eval_tokens(tok: &LlamaTokenizer, e: &EvalSpec) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn ppl(model: &LlamaModel, tokens: &[u32], e: &EvalSpec) -> Result<quantlab_models::PplReport> {
-    Ok(perplexity(
-        model,
-        tokens,
-        &PplParams {
-            ctx: e.ctx,
-            max_windows: e.max_windows,
-        },
-    )?)
-}
-
 /// The `quantization_config.json` of a run.
 pub fn quantization_config_json(
     job: &QuantizeJob,
@@ -415,8 +404,9 @@ fn dir_bytes(dir: &Path) -> Option<u64> {
     Some(n)
 }
 
-/// [`crate::run`] for a LLaMA-family model: [`prepare`], load, calibration windows, perplexity before (with `eval`), the
-/// driver, perplexity after, then the atomic save. `cancel` (set by a Ctrl-C handler) stops
+/// [`crate::run`] for a LLaMA-family model: [`prepare`], load, calibration windows, the
+/// driver, then (with `eval`) the perplexities before and after and the KL divergence from the
+/// source model in one pass, then the atomic save. `cancel` (set by a Ctrl-C handler) stops
 /// the run at the next layer boundary; nothing is written then.
 pub fn run_llama(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<QuantizeReport> {
     let t_job = Instant::now();
@@ -449,36 +439,37 @@ pub fn run_llama(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quant
         tokens: windows.iter().map(Vec::len).sum(),
     };
 
-    let t0 = Instant::now();
-    let ppl_before = match (&job.eval, &eval_ids) {
-        (Some(e), Some(ids)) => Some(ppl(&src.model, ids, e)?.ppl),
-        _ => None,
-    };
-    jt.eval = t0.elapsed().as_secs_f64();
-
     let ctl = Control {
         progress: job.progress,
         cancel,
     };
     let out = quantize_model(&mut src.model, &windows, &plan, c, ctl)?;
 
+    // The evaluation runs after the quantization, the source model loaded again beside the
+    // quantized one: one pass over the windows gives both perplexities (equal to
+    // `perplexity`'s) and the KL divergence of the quantized model from the source.
     let t0 = Instant::now();
     let mut eval_facts = None;
-    let ppl_after = match (&job.eval, &eval_ids) {
-        (Some(e), Some(ids)) => {
-            let r = ppl(&src.model, ids, e)?;
-            eval_facts = Some(EvalFacts {
-                text: e.text.display().to_string(),
-                ctx: e.ctx,
-                windows: r.windows,
-                tokens_scored: r.tokens_scored,
-                seconds: r.seconds,
-            });
-            Some(r.ppl)
-        }
-        _ => None,
-    };
-    jt.eval += t0.elapsed().as_secs_f64();
+    let mut kld = None;
+    if let (Some(e), Some(ids)) = (&job.eval, &eval_ids) {
+        let base = SourceModel::load_with(&job.model, c.lazy)?;
+        let params = PplParams {
+            ctx: e.ctx,
+            max_windows: e.max_windows,
+        };
+        let r = kl_divergence(KldBase::Model(&base.model), &src.model, ids, &params)?;
+        eval_facts = Some(EvalFacts {
+            text: e.text.display().to_string(),
+            ctx: e.ctx,
+            windows: r.windows,
+            tokens_scored: r.tokens_scored,
+            seconds: r.seconds,
+        });
+        kld = Some(r);
+    }
+    let ppl_before = kld.as_ref().map(|k| k.ppl_base);
+    let ppl_after = kld.as_ref().map(|k| k.ppl);
+    jt.eval = t0.elapsed().as_secs_f64();
 
     // sizes
     let mc = src.model.config();
@@ -500,6 +491,7 @@ pub fn run_llama(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quant
     );
     report.ppl_before = ppl_before;
     report.ppl_after = ppl_after;
+    report.kld = kld;
     report.eval = eval_facts;
     if let Some(dir) = &job.out {
         let t0 = Instant::now();
@@ -612,6 +604,7 @@ impl QuantizeReport {
             layers,
             ppl_before: None,
             ppl_after: None,
+            kld: None,
             embed_cosine: None,
             eval: None,
             calibration,

@@ -159,6 +159,11 @@ pub struct QuantizeReport {
     /// Perplexity of the quantized model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ppl_after: Option<f64>,
+    /// Decoders: the KL divergence of the quantized model's next-token distributions from
+    /// the source model's on the eval windows ([`quantlab_models::kl_divergence`]; its
+    /// `ppl_base` and `ppl` are `ppl_before` and `ppl_after`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kld: Option<quantlab_models::KldReport>,
     /// Encoders (BERT): mean cosine similarity between the quantized and the float model's
     /// sentence embeddings of the eval text's sentences.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -278,6 +283,19 @@ impl QuantizeReport {
                     "{b:.3} -> {a:.3} ({} windows of {} tokens)",
                     e.map_or(0, |e| e.windows),
                     e.map_or(0, |e| e.ctx)
+                ),
+            ));
+        }
+        if let Some(k) = &self.kld {
+            kv.push((
+                "KL divergence".into(),
+                format!(
+                    "mean {:.5} ± {:.5}, median {:.5}, p99 {:.4}; top-1 agreement {:.2}%",
+                    k.kld_mean,
+                    k.kld_err,
+                    k.kld_median,
+                    k.kld_p99,
+                    100.0 * k.top1_agreement
                 ),
             ));
         }

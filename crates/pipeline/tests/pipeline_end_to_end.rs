@@ -472,6 +472,42 @@ fn pipeline_job_report_and_determinism() {
     }
     assert!((r1.bits_per_weight - bits / n).abs() < 1e-9);
     assert!(r1.ppl_before.unwrap().is_finite() && r1.ppl_after.unwrap().is_finite());
+    // the report's KL divergence and perplexities are those of the written checkpoint
+    // against the source model, each loaded from disk, on the same windows
+    assert!(v["kld"]["kld_mean"].as_f64().is_some() && v["kld"]["top1_agreement"].is_number());
+    let k = r1.kld.as_ref().unwrap();
+    {
+        let src = SourceModel::load(&model_dir).unwrap();
+        let saved = LlamaModel::load(tmp.path().join("a")).unwrap();
+        let toks = src
+            .tokenizer
+            .encode(&std::fs::read_to_string(&eval).unwrap())
+            .unwrap();
+        let pp = quantlab_models::PplParams {
+            ctx: 64,
+            max_windows: Some(4),
+        };
+        let direct = quantlab_models::kl_divergence(
+            quantlab_models::KldBase::Model(&src.model),
+            &saved,
+            &toks,
+            &pp,
+        )
+        .unwrap();
+        assert_eq!(direct.kld_mean, k.kld_mean);
+        assert_eq!(direct.top1_agreement, k.top1_agreement);
+        assert_eq!(
+            quantlab_models::perplexity(&src.model, &toks, &pp)
+                .unwrap()
+                .ppl,
+            r1.ppl_before.unwrap()
+        );
+        assert_eq!(
+            quantlab_models::perplexity(&saved, &toks, &pp).unwrap().ppl,
+            r1.ppl_after.unwrap()
+        );
+        assert!(k.kld_mean > 0.0 && k.windows == 4);
+    }
     // the written report.json and no temp directories
     assert!(tmp.path().join("a/report.json").is_file());
     let leftovers: Vec<PathBuf> = std::fs::read_dir(tmp.path())
