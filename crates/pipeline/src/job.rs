@@ -272,18 +272,28 @@ pub fn dry_run_llama(job: &QuantizeJob) -> Result<DryRun> {
         .map(|l| 2.0 * (l.shape.0 * l.shape.1) as f64)
         .sum::<f64>()
         + 4.0 * seq as f64 * mc.num_attention_heads as f64 * mc.head_dim as f64;
+    // AWQ: the quantized re-run of every window, plus on the search subset one float pass
+    // and 20 scale candidates, each about 1.5 passes' worth of the subset (the attention
+    // and the MLP re-run from their stage; 2026-12-04 on SmolLM2)
+    let awq_frac = c.awq_samples.min(c.nsamples) as f64 / c.nsamples as f64;
     let passes = if c.method.uses_awq() {
-        2.0 + 1.3 * 20.0 * c.awq_samples.min(c.nsamples) as f64 / c.nsamples as f64 * 2.0
+        1.0 + awq_frac * (1.0 + 20.0 * 1.5)
     } else if c.method.needs_calibration() && c.true_sequential {
         1.0 // one staged forward per block
     } else {
         2.0
     };
+    // AWQ's statistics come from the search subset only
+    let hess_tokens = if c.method.uses_awq() && !c.method.uses_gptq() {
+        tokens as f64 * awq_frac
+    } else {
+        tokens as f64
+    };
     let hess: f64 = [d, d, d, inter]
         .iter()
         .map(|&x| 2.0 * (x * x) as f64)
         .sum::<f64>()
-        * tokens as f64
+        * hess_tokens
         / 2.0;
     let solver: f64 = if c.method.uses_gptq() {
         plan.layers
