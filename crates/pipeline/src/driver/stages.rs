@@ -168,14 +168,14 @@ impl Capture {
     }
 }
 
-/// Captures the inputs of the `targets` linears of block `i` over every mini-batch. With `awq`, also mean `|x|` and every `clip_stride`-th
-/// row for the clip search.
+/// Captures the inputs of the `targets` linears of block `i` over every mini-batch, into one
+/// Hessian per input. (AWQ collects its statistics in its own staged pass over the search
+/// subset, `awq_search::awq_block`, with [`Capture::add`].)
 pub(super) fn capture(
     model: &mut LlamaModel,
     i: usize,
     inps: &[Tensor],
     targets: &[usize],
-    awq: Option<usize>,
     t: &mut Timings,
 ) -> Result<BTreeMap<usize, Capture>> {
     let t0 = Instant::now();
@@ -204,7 +204,7 @@ pub(super) fn capture(
                 .borrow_mut()
                 .get_mut(&k)
                 .expect("capture")
-                .add(name, x, seqs, awq);
+                .add(name, x, seqs, None);
             if let Err(e) = r {
                 *err.borrow_mut() = Some(e);
             }
@@ -383,7 +383,7 @@ pub(super) fn solve_block(
             }
         }
         bar_layers.set_message(format!("block {i}: capturing {}", group_label(&active)));
-        let caps = capture(model, i, inps, &targets, None, t)?;
+        let caps = capture(model, i, inps, &targets, t)?;
         for &k in &active {
             let src = targets
                 .iter()
