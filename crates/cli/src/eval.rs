@@ -33,12 +33,9 @@ pub enum EvalWhat {
     Embed(EmbedArgs),
 }
 
-/// Arguments of `eval ppl`.
+/// The text the decoder verbs score, and how it is cut into windows (docs/perplexity.md).
 #[derive(Args, Debug)]
-pub struct PplArgs {
-    /// Model: a .gguf file, a Hugging Face directory, or `smollm2` for the cached SmolLM2.
-    #[arg(long, value_name = "PATH")]
-    pub model: PathBuf,
+pub struct TextWindows {
     /// Text file: .txt, .jsonl or .parquet.
     #[arg(long, value_name = "FILE")]
     pub text: PathBuf,
@@ -51,6 +48,34 @@ pub struct PplArgs {
     /// Evaluate only the first N windows.
     #[arg(long, value_name = "N")]
     pub max_windows: Option<usize>,
+}
+
+impl TextWindows {
+    fn params(&self) -> PplParams {
+        PplParams {
+            ctx: self.ctx,
+            max_windows: self.max_windows,
+        }
+    }
+}
+
+/// A LLaMA-family model from `--model`-style paths (`smollm2` included).
+fn load_llama(p: &std::path::Path) -> Result<(PathBuf, quantlab::models::LlamaModel)> {
+    let path = crate::generate::resolve_model(p)?;
+    let m = quantlab::pipeline::export::load_model(&path)
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok((path, m))
+}
+
+/// Arguments of `eval ppl`.
+#[derive(Args, Debug)]
+pub struct PplArgs {
+    /// Model: a .gguf file, a Hugging Face directory, or `smollm2` for the cached SmolLM2.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// The text and its windows.
+    #[command(flatten)]
+    pub windows: TextWindows,
     /// Print one JSON object (ppl, nll, tokens_scored, windows, seconds, tokens_per_second,
     /// peak_rss_mb, ...).
     #[arg(long)]
@@ -68,18 +93,9 @@ pub struct KldArgs {
     /// `--save-base`, which then only stores the base.
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// Text file: .txt, .jsonl or .parquet.
-    #[arg(long, value_name = "FILE")]
-    pub text: PathBuf,
-    /// Field (jsonl) or column (parquet) holding the text.
-    #[arg(long)]
-    pub field: Option<String>,
-    /// Tokens per window.
-    #[arg(long, default_value_t = 512)]
-    pub ctx: usize,
-    /// Evaluate only the first N windows.
-    #[arg(long, value_name = "N")]
-    pub max_windows: Option<usize>,
+    /// The text and its windows.
+    #[command(flatten)]
+    pub windows: TextWindows,
     /// Store the base model's log-probabilities on these windows (f16, `windows x (ctx - 1)
     /// x vocab x 2` bytes) for later runs with `--base FILE`, as llama.cpp's
     /// `--kl-divergence-base`.
@@ -101,19 +117,10 @@ fn is_saved_base(p: &std::path::Path) -> bool {
 
 fn run_kld(a: KldArgs) -> Result<()> {
     use quantlab::models::{kl_divergence, save_base, text, KldBase, SavedBase};
-    let params = PplParams {
-        ctx: a.ctx,
-        max_windows: a.max_windows,
-    };
+    let params = a.windows.params();
     if a.model.is_none() && a.save_base.is_none() {
         anyhow::bail!("--model: give the model to compare with the base (or --save-base FILE to only store the base)");
     }
-    let load = |p: &std::path::Path| -> Result<(PathBuf, quantlab::models::LlamaModel)> {
-        let path = crate::generate::resolve_model(p)?;
-        let m = quantlab::pipeline::export::load_model(&path)
-            .with_context(|| format!("loading {}", path.display()))?;
-        Ok((path, m))
-    };
     let saved = is_saved_base(&a.base);
     if saved && a.save_base.is_some() {
         anyhow::bail!(
@@ -122,17 +129,19 @@ fn run_kld(a: KldArgs) -> Result<()> {
         );
     }
     // the tokenizer of the model compared (or of the base when only storing)
-    let tok_src = match (&a.model, saved) {
-        (Some(m), _) => crate::generate::resolve_model(m)?,
-        (None, _) => crate::generate::resolve_model(&a.base)?,
-    };
+    let tok_src = crate::generate::resolve_model(a.model.as_deref().unwrap_or(&a.base))?;
     let tok = LlamaTokenizer::load(&tok_src)?;
-    let body = text::read_text(&a.text, a.field.as_deref())?;
+    let w = &a.windows;
+    let body = text::read_text(&w.text, w.field.as_deref())?;
     let tokens = tok.encode(&body)?;
     let mut out = serde_json::Map::new();
     out.insert("base".into(), a.base.display().to_string().into());
-    out.insert("text".into(), a.text.display().to_string().into());
-    let base_model = if saved { None } else { Some(load(&a.base)?.1) };
+    out.insert("text".into(), w.text.display().to_string().into());
+    let base_model = if saved {
+        None
+    } else {
+        Some(load_llama(&a.base)?.1)
+    };
     if let (Some(file), Some(b)) = (&a.save_base, &base_model) {
         let facts = save_base(b, &tokens, &params, file)?;
         if !a.json {
@@ -148,7 +157,7 @@ fn run_kld(a: KldArgs) -> Result<()> {
         out.insert("saved_base".into(), serde_json::to_value(&facts)?);
     }
     if let Some(mp) = &a.model {
-        let (path, model) = load(mp)?;
+        let (path, model) = load_llama(mp)?;
         let stored;
         let base = match &base_model {
             Some(b) => KldBase::Model(b),
@@ -207,21 +216,16 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 fn run_ppl(a: PplArgs) -> Result<()> {
-    let path = crate::generate::resolve_model(&a.model)?;
-    let model = quantlab::pipeline::export::load_model(&path)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let (path, model) = load_llama(&a.model)?;
     let tok = LlamaTokenizer::load(&path)?;
-    let params = PplParams {
-        ctx: a.ctx,
-        max_windows: a.max_windows,
-    };
-    let r = perplexity_of_file(&model, &tok, &a.text, a.field.as_deref(), &params)?;
+    let w = &a.windows;
+    let r = perplexity_of_file(&model, &tok, &w.text, w.field.as_deref(), &w.params())?;
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         if let Some(o) = v.as_object_mut() {
             o.remove("window_nll");
             o.insert("model".into(), path.display().to_string().into());
-            o.insert("text".into(), a.text.display().to_string().into());
+            o.insert("text".into(), w.text.display().to_string().into());
         }
         println!("{}", serde_json::to_string(&v)?);
     } else {

@@ -30,8 +30,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::llama::LlamaModel;
-use crate::ops;
-use crate::ppl::PplParams;
+use crate::ppl::{self, PplParams};
 use crate::{ModelError, Result};
 
 /// The numbers [`kl_divergence`] reports.
@@ -129,39 +128,9 @@ pub enum KldBase<'a> {
     Saved(&'a SavedBase),
 }
 
-fn check_windows(tokens: &[u32], params: &PplParams) -> Result<usize> {
-    let ctx = params.ctx;
-    if ctx < 2 {
-        return Err(ModelError::InvalidOption {
-            option: "ctx".into(),
-            detail: format!("{ctx} is below 2: a window must hold a context and a target"),
-        });
-    }
-    let mut windows = tokens.len() / ctx;
-    if let Some(m) = params.max_windows {
-        windows = windows.min(m);
-    }
-    if windows == 0 {
-        return Err(ModelError::TextTooShort {
-            path: "the token sequence".into(),
-            tokens: tokens.len(),
-            ctx,
-        });
-    }
-    Ok(windows)
-}
-
-/// The logits of positions `0 .. ctx - 1` of one window, `[ctx - 1, vocab]` row-major,
-/// and the NLL of each next token ([`crate::perplexity`]'s computation).
+/// The logits of one window as a row-major vector and its next-token NLLs.
 fn window_logits(model: &LlamaModel, win: &[u32]) -> Result<(Vec<f32>, Vec<f64>)> {
-    let ctx = win.len();
-    let mut h = model.embed(&[win])?;
-    for i in 0..model.n_blocks() {
-        h = model.block_forward(i, &h, 0, None, None)?;
-    }
-    let h = h.narrow(1, 0, ctx - 1)?;
-    let logits = model.head(&h, None)?;
-    let nll = ops::row_nll(&logits, &win[1..])?;
+    let (logits, nll) = ppl::window_logits(model, win)?;
     Ok((logits.flatten_all()?.to_vec1::<f32>()?, nll))
 }
 
@@ -172,7 +141,7 @@ pub fn kl_divergence(
     tokens: &[u32],
     params: &PplParams,
 ) -> Result<KldReport> {
-    let windows = check_windows(tokens, params)?;
+    let windows = ppl::window_count(tokens, params)?;
     let ctx = params.ctx;
     let vocab = model.config().vocab_size;
     if let KldBase::Saved(s) = &base {
@@ -315,7 +284,7 @@ pub fn save_base(
     params: &PplParams,
     path: &Path,
 ) -> Result<SavedBaseFacts> {
-    let windows = check_windows(tokens, params)?;
+    let windows = ppl::window_count(tokens, params)?;
     let ctx = params.ctx;
     let vocab = model.config().vocab_size;
     let rows = windows * (ctx - 1);
@@ -366,12 +335,11 @@ pub fn save_base(
         for v in &nlls {
             f.write_all(&v.to_le_bytes()).map_err(io)?;
         }
-        let nll = total;
         f.into_inner()
             .map_err(|e| io(e.into_error()))?
             .sync_all()
             .map_err(io)?;
-        Ok(nll / rows as f64)
+        Ok(total / rows as f64)
     })();
     match result {
         Ok(nll) => {

@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::llama::LlamaModel;
@@ -100,36 +101,12 @@ pub fn peak_rss_mb() -> Option<f64> {
 /// fewer than `ctx` tokens; [`perplexity_of_file`] names the file instead.
 pub fn perplexity(model: &LlamaModel, tokens: &[u32], params: &PplParams) -> Result<PplReport> {
     let ctx = params.ctx;
-    if ctx < 2 {
-        return Err(ModelError::InvalidOption {
-            option: "ctx".into(),
-            detail: format!("{ctx} is below 2: a window must hold a context and a target"),
-        });
-    }
-    let mut windows = tokens.len() / ctx;
-    if let Some(m) = params.max_windows {
-        windows = windows.min(m);
-    }
-    if windows == 0 {
-        return Err(ModelError::TextTooShort {
-            path: "the token sequence".into(),
-            tokens: tokens.len(),
-            ctx,
-        });
-    }
+    let windows = window_count(tokens, params)?;
     let start = Instant::now();
     let mut window_nll = Vec::with_capacity(windows);
     let mut total = 0f64;
     for w in 0..windows {
-        let win = &tokens[w * ctx..(w + 1) * ctx];
-        let mut h = model.embed(&[win])?;
-        for i in 0..model.n_blocks() {
-            h = model.block_forward(i, &h, 0, None, None)?;
-        }
-        // positions 0 .. ctx-2 predict tokens 1 .. ctx-1; the last position predicts nothing.
-        let h = h.narrow(1, 0, ctx - 1)?;
-        let logits = model.head(&h, None)?;
-        let nll = ops::row_nll(&logits, &win[1..])?;
+        let (_, nll) = window_logits(model, &tokens[w * ctx..(w + 1) * ctx])?;
         let s: f64 = nll.iter().sum();
         total += s;
         window_nll.push(s / (ctx - 1) as f64);
@@ -148,6 +125,42 @@ pub fn perplexity(model: &LlamaModel, tokens: &[u32], params: &PplParams) -> Res
         tokens_per_second: (windows * ctx) as f64 / seconds.max(1e-9),
         peak_rss_mb: peak_rss_mb(),
     })
+}
+
+/// The number of windows of `params.ctx` tokens scored in `tokens` (the module's protocol):
+/// an error for `ctx < 2` or a sequence shorter than one window.
+pub(crate) fn window_count(tokens: &[u32], params: &PplParams) -> Result<usize> {
+    let ctx = params.ctx;
+    if ctx < 2 {
+        return Err(ModelError::InvalidOption {
+            option: "ctx".into(),
+            detail: format!("{ctx} is below 2: a window must hold a context and a target"),
+        });
+    }
+    let mut windows = tokens.len() / ctx;
+    if let Some(m) = params.max_windows {
+        windows = windows.min(m);
+    }
+    if windows == 0 {
+        return Err(ModelError::TextTooShort {
+            path: "the token sequence".into(),
+            tokens: tokens.len(),
+            ctx,
+        });
+    }
+    Ok(windows)
+}
+
+/// One window run from position 0: the logits of positions `0 .. ctx - 1` (`[ctx - 1,
+/// vocab]`; the last position predicts nothing) and the NLL of each next token.
+pub(crate) fn window_logits(model: &LlamaModel, win: &[u32]) -> Result<(Tensor, Vec<f64>)> {
+    let mut h = model.embed(&[win])?;
+    for i in 0..model.n_blocks() {
+        h = model.block_forward(i, &h, 0, None, None)?;
+    }
+    let logits = model.head(&h.narrow(1, 0, win.len() - 1)?, None)?;
+    let nll = ops::row_nll(&logits, &win[1..])?;
+    Ok((logits, nll))
 }
 
 /// Reads a text file (`.txt`, `.jsonl`, `.parquet`; see [`crate::text::read_text`]), tokenizes it without BOS and

@@ -145,8 +145,6 @@ pub fn quantize_model(
         inps.push(model.embed(&refs)?);
     }
     t.forward += t0.elapsed().as_secs_f64();
-    // AWQ's clip search sees about 512 rows of the search subset (AutoAWQ's n_sample_token)
-    let clip_stride = (windows.len().min(cfg.awq_samples) * seqlen / 512).max(1);
 
     let mut layers: Vec<QuantizedLayer> = Vec::new();
     let mut reports: Vec<LayerReport> = Vec::new();
@@ -163,7 +161,6 @@ pub fn quantize_model(
                 &inps,
                 lps,
                 cfg,
-                clip_stride,
                 &mut out,
                 &mut norm_scales,
                 &mut t,

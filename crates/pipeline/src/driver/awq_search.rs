@@ -45,7 +45,6 @@ pub(super) fn awq_block(
     inps: &[Tensor],
     lps: &[LayerPlan],
     cfg: &QuantizeConfig,
-    clip_stride: usize,
     out: &mut [Option<(QuantizedLayer, LayerReport)>],
     norm_scales: &mut BTreeMap<String, Array1<f32>>,
     t: &mut Timings,
@@ -56,6 +55,9 @@ pub(super) fn awq_block(
     let gqa = cfgm.num_key_value_heads != cfgm.num_attention_heads;
     let subset = first_windows(inps, cfg.awq_samples)?;
     let sub_b: Vec<usize> = subset.iter().map(|h| h.dims()[0]).collect();
+    // the clip search sees about 512 rows of the subset (AutoAWQ's n_sample_token)
+    let sub_rows: usize = subset.iter().map(|h| h.dims()[0] * h.dims()[1]).sum();
+    let clip_stride = (sub_rows / 512).max(1);
     // One float pass of the block over the search subset gives AutoAWQ's statistics of
     // the four inputs (mean |x|, H for the per-layer error, the clip search's rows: from the
     // inputs it searches on) and the stages each scale candidate re-runs from: a candidate
