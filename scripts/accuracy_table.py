@@ -2,7 +2,8 @@
 """Quantize SmolLM2 under several methods and print a Markdown table of the results.
 
 A benchmark, not a test: it runs `quantlab quantize ... --json --eval TEXT` once per
-configuration and tabulates bits per weight, size, perplexity before/after, the mean relative
+configuration and tabulates bits per weight, size, perplexity before/after, the KL divergence against the
+full-precision model (mean, its standard error, top-1 agreement), the mean relative
 output error of the linears and the time split (forward / Hessian / solver / AWQ search).
 
     scripts/accuracy_table.py                       # the default grid (RTN/GPTQ/AWQ/AWQ+GPTQ x 4/3 bits, g128)
@@ -65,16 +66,19 @@ def main() -> int:
             r = json.loads(p.stdout)
             reports.append(r)
             t = r["timings"]
+            k = r.get("kld") or {}
             rows.append((m, bits, r["group_size"], r["bits_per_weight"], r["size_bytes"] / 1e6,
-                         r.get("ppl_before"), r.get("ppl_after"), r["mean_rel_output_error"],
+                         r.get("ppl_before"), r.get("ppl_after"), k.get("kld_mean", float("nan")),
+                         k.get("kld_err", float("nan")), 100 * k.get("top1_agreement", float("nan")),
+                         r["mean_rel_output_error"],
                          r["seconds"], t["forward"], t["hessian"], t["solver"], t["awq_search"], wall))
             print(f"done {m} {bits}-bit in {wall:.0f} s: ppl {r.get('ppl_after')}", file=sys.stderr)
     print(f"model {a.model}; eval {os.path.relpath(a.eval, ROOT)}, ctx {a.eval_ctx}, "
           f"windows {reports[0].get('eval', {}).get('windows')}; calibration {a.nsamples} x {a.seqlen} tokens\n")
-    print("| method | bits | group | bpw | size MB | ppl fp | ppl q | mean rel err | quantize s | forward s | hessian s | solver s | awq search s | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | bits | group | bpw | size MB | ppl fp | ppl q | mean KLD | ± | top-1 % | mean rel err | quantize s | forward s | hessian s | solver s | awq search s | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print("| {} | {} | {} | {:.3f} | {:.1f} | {:.3f} | {:.3f} | {:.4f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} |".format(*r))
+        print("| {} | {} | {} | {:.3f} | {:.1f} | {:.3f} | {:.3f} | {:.4f} | {:.4f} | {:.1f} | {:.4f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.1f} |".format(*r))
     shutil.rmtree(work, ignore_errors=True)
     if a.json:
         with open(a.json, "w") as f:

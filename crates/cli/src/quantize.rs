@@ -76,7 +76,7 @@ pub struct QuantizeArgs {
     pub block_size: Option<usize>,
     /// GPTQ: shrink the Hessian toward its diagonal, 0..1: solve with diag(H) + (1 - S)
     /// offdiag(H), so the error feedback overfits the calibration text less (0 = plain GPTQ,
-    /// 1 = importance-weighted RTN; default 0.5 on --format gguf:*, 0 otherwise).
+    /// 1 = importance-weighted RTN; default 0.9 on the K types gguf:q2_k..q6_k, 0.5 on the other gguf:* types, 0 otherwise).
     #[arg(long, value_name = "S")]
     pub hessian_shrink: Option<f64>,
     /// Symmetric integer grid (the default).

@@ -229,6 +229,24 @@ pub struct QuantizeConfig {
 /// it grows with the shrinkage (0.0022, 0.0024, 0.0027, 0.0032; weighted RTN 0.0049).
 pub const DEFAULT_GGML_HESSIAN_SHRINK: f64 = 0.5;
 
+/// GPTQ's default Hessian shrinkage on ggml's K grids (Q2_K..Q6_K; issue 18). Measured on
+/// SmolLM2's `ffn_down` (the only linears whose rows hold whole 256-weight super-blocks),
+/// blocks 4, 8, ..., 28, calibrated on prose and scored on technical documentation: at 0.5
+/// GPTQ lost to weighted RTN on most of them, at 0.9 it is below weighted RTN on 6-7 of the
+/// 7 on every K grid (docs/quantize.md, "GPTQ on ggml's block grids"). On other prose it
+/// still halves most of RTN's error at 0.9.
+pub const DEFAULT_GGML_K_HESSIAN_SHRINK: f64 = 0.9;
+
+/// The default Hessian shrinkage of GPTQ on the ggml grid `g`:
+/// [`DEFAULT_GGML_K_HESSIAN_SHRINK`] on the K grids, [`DEFAULT_GGML_HESSIAN_SHRINK`] else.
+pub fn default_ggml_hessian_shrink(g: quantlab_grids::GgmlGrid) -> f64 {
+    if quantlab_grids::GgmlGrid::K.contains(&g) {
+        DEFAULT_GGML_K_HESSIAN_SHRINK
+    } else {
+        DEFAULT_GGML_HESSIAN_SHRINK
+    }
+}
+
 impl Default for QuantizeConfig {
     fn default() -> Self {
         Self {
@@ -280,6 +298,9 @@ pub struct LayerPlan {
     pub sym: bool,
     /// GPTQ act-order.
     pub act_order: bool,
+    /// GPTQ static groups (every group's parameters fitted from the original weights before
+    /// the sweep).
+    pub static_groups: bool,
     /// GPTQ damping fraction.
     pub damp: f64,
     /// The number format.
@@ -323,10 +344,11 @@ pub struct Plan {
 
 impl QuantizeConfig {
     /// The Hessian shrinkage GPTQ uses on `spec`: `--hessian-shrink`, else
-    /// [`DEFAULT_GGML_HESSIAN_SHRINK`] on ggml's block grids and 0 elsewhere.
+    /// [`DEFAULT_GGML_K_HESSIAN_SHRINK`] on ggml's K grids, [`DEFAULT_GGML_HESSIAN_SHRINK`]
+    /// on its other block grids and 0 elsewhere.
     pub fn hessian_shrink_for(&self, spec: &quantlab_grids::FormatSpec) -> f64 {
         self.hessian_shrink.unwrap_or(match spec {
-            quantlab_grids::FormatSpec::Ggml(_) => DEFAULT_GGML_HESSIAN_SHRINK,
+            quantlab_grids::FormatSpec::Ggml(g) => default_ggml_hessian_shrink(*g),
             _ => 0.0,
         })
     }
@@ -646,6 +668,7 @@ impl QuantizeConfig {
                     group_size: g,
                     sym,
                     act_order: ao,
+                    static_groups: self.static_groups,
                     damp,
                     spec,
                     granularity,
@@ -888,6 +911,14 @@ impl ExportFormat {
                 lp.group_size = g.group_len() as i64;
                 lp.bits = quantlab_grids::Format::code_bits(&g);
                 lp.sym = true;
+                // K grids: GPTQ in the natural column order, each super-block fitted as the
+                // sweep reaches it (issue 18: act-order with super-blocks fitted up front
+                // from the original weights loses to weighted RTN on held-out text; the
+                // natural order with shrinkage 0.9 is below it on every K grid)
+                if g.is_k() {
+                    lp.act_order = false;
+                    lp.static_groups = false;
+                }
             }
         }
         Ok(lp)
@@ -917,6 +948,9 @@ impl ExportFormat {
                 t.name(),
                 k_fallback(t).name(),
             ));
+            if m.uses_gptq() && k_layers > 0 {
+                notes.push(format!("{fname}: GPTQ runs the K-grid linears in the natural column order, each super-block fitted when the sweep reaches it, whatever --act-order / --static-groups say (measured better on held-out text; docs/quantize.md, issue 18), with the Hessian shrunk by {DEFAULT_GGML_K_HESSIAN_SHRINK} unless --hessian-shrink is given"));
+            }
         }
         if m == Method::Rtn {
             notes.push(format!("{fname}: rtn fits each block's scale with the importance matrix diag(X^T X) of the calibration capture (llama.cpp's imatrix)"));

@@ -359,6 +359,7 @@ pub fn quantization_config_json(
             "group_size": lp.group_size,
             "sym": lp.sym,
             "act_order": lp.act_order && c.method.uses_gptq(),
+            "static_groups": lp.static_groups && c.method.uses_gptq(),
             "format": if lp.skip { "f32".to_string() } else { lp.spec.build().name() },
             "format_spec": serde_json::to_value(&lp.spec).expect("spec serialises"),
             "granularity": serde_json::to_value(lp.granularity).expect("granularity serialises"),

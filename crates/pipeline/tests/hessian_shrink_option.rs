@@ -2,7 +2,7 @@
 //! is 0.5 on ggml's block grids and 0 elsewhere.
 
 use quantlab_grids::{FormatSpec, GgmlGrid, UniformGrid};
-use quantlab_pipeline::config::DEFAULT_GGML_HESSIAN_SHRINK;
+use quantlab_pipeline::config::{DEFAULT_GGML_HESSIAN_SHRINK, DEFAULT_GGML_K_HESSIAN_SHRINK};
 use quantlab_pipeline::{Method, PipelineError, QuantizeConfig};
 
 fn option_of(r: quantlab_pipeline::Result<()>) -> String {
@@ -45,6 +45,13 @@ fn default_depends_on_the_grid() {
     let int4 = FormatSpec::Uniform(UniformGrid::new(4, true).unwrap());
     assert_eq!(c.hessian_shrink_for(&ggml), DEFAULT_GGML_HESSIAN_SHRINK);
     assert_eq!(DEFAULT_GGML_HESSIAN_SHRINK, 0.5);
+    let k = FormatSpec::Ggml(GgmlGrid::Q4_K);
+    assert_eq!(c.hessian_shrink_for(&k), DEFAULT_GGML_K_HESSIAN_SHRINK);
+    assert_eq!(DEFAULT_GGML_K_HESSIAN_SHRINK, 0.9);
+    assert_eq!(
+        c.hessian_shrink_for(&FormatSpec::Ggml(GgmlGrid::IQ4_NL)),
+        0.5
+    );
     assert_eq!(c.hessian_shrink_for(&int4), 0.0);
     let set = QuantizeConfig {
         hessian_shrink: Some(0.25),

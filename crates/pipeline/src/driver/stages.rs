@@ -267,7 +267,7 @@ pub(crate) fn solve(
             block_size: cfg.block_size.unwrap_or(128),
             damp_percent: lp.damp,
             act_order: lp.act_order,
-            static_groups: cfg.static_groups,
+            static_groups: lp.static_groups,
             granularity: lp.granularity,
             // ggml's block grids: each block's scale by the importance-weighted search (as
             // weighted RTN), and the Hessian shrunk toward its diagonal (issue 18)
