@@ -13,6 +13,7 @@
 mod error;
 pub mod export;
 pub mod gguf;
+pub mod imatrix;
 pub mod inspect;
 pub mod pack;
 pub mod safetensors_header;

@@ -60,7 +60,7 @@ impl TextWindows {
 }
 
 /// A LLaMA-family model from `--model`-style paths (`smollm2` included).
-fn load_llama(p: &std::path::Path) -> Result<(PathBuf, quantlab::models::LlamaModel)> {
+pub(crate) fn load_llama(p: &std::path::Path) -> Result<(PathBuf, quantlab::models::LlamaModel)> {
     let path = crate::generate::resolve_model(p)?;
     let m = quantlab::pipeline::export::load_model(&path)
         .with_context(|| format!("loading {}", path.display()))?;

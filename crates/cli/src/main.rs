@@ -9,6 +9,7 @@ mod bench;
 mod eval;
 mod fetch;
 mod generate;
+mod imatrix;
 mod inspect;
 mod interrupt;
 mod layer;
@@ -32,6 +33,9 @@ enum Command {
     /// Evaluate a model: `eval ppl` (perplexity on a text file), `eval kld` (KL divergence
     /// from a base model), `eval embed` (sentence embeddings).
     Eval(eval::EvalArgs),
+    /// Compute an importance matrix (llama-imatrix's statistics) over a text and write it in
+    /// llama.cpp's GGUF or legacy format, for `quantize --imatrix` or `llama-quantize --imatrix`.
+    Imatrix(imatrix::ImatrixArgs),
     /// List the tensors (and GGUF metadata) of a GGUF or safetensors file.
     Inspect(inspect::InspectArgs),
     /// Quantize one linear layer from a safetensors file (`weight` + `inputs` or `hessian`)
@@ -66,6 +70,7 @@ fn main() -> Result<()> {
         Command::Fetch(a) => fetch::run_fetch(a),
         Command::Generate(a) => generate::run_generate(a),
         Command::Eval(a) => eval::run_eval(a),
+        Command::Imatrix(a) => imatrix::run_imatrix(a),
         Command::Inspect(a) => inspect::run_inspect(a),
         Command::Layer(a) => layer::run_layer_cmd(a),
         Command::Bench(a) => bench::run_bench(a),

@@ -113,6 +113,11 @@ pub struct QuantizeArgs {
     /// Field (jsonl) or column (parquet) of the calibration text.
     #[arg(long)]
     pub calib_field: Option<String>,
+    /// Importance matrix in llama.cpp's formats (GGUF or legacy .dat, from `quantlab
+    /// imatrix` or `llama-imatrix`): with --method rtn and --format gguf:<type>, each block's
+    /// scale search is weighted by it, as `llama-quantize --imatrix`; no calibration pass.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     /// Calibration windows.
     #[arg(long, default_value_t = 128)]
     pub nsamples: usize,
@@ -209,6 +214,7 @@ fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
         awq_fold_only: false,
         format: ExportFormat::parse(&a.format)?,
         lazy: a.lazy,
+        imatrix: a.imatrix.clone(),
     };
     Ok(QuantizeJob {
         model: crate::generate::resolve_model(&a.model)?,

@@ -716,24 +716,36 @@ pub fn quantize_ggml_weighted(
     }
     let nb = inp / g;
     let per_span = span / g;
+    // rows are independent: fitted in parallel (the weighted searches dominate)
+    use rayon::prelude::*;
+    let rows: Vec<(Vec<u8>, Vec<f32>, Vec<f32>)> = (0..out)
+        .into_par_iter()
+        .map(|r| {
+            let row: Vec<f32> = w.row(r).to_vec();
+            let mut ps = vec![GroupParams::scale_only(0.0); per_span];
+            let (mut c, mut sc, mut z) = (vec![0u8; inp], vec![0f32; nb], vec![0f32; nb]);
+            for sp in 0..inp / span {
+                let x = &row[sp * span..(sp + 1) * span];
+                let imp = importance.map(|i| &i[sp * span..(sp + 1) * span]);
+                grid.fit_groups(x, imp, g, &mut ps);
+                for (j, &v) in x.iter().enumerate() {
+                    let b = sp * per_span + j / g;
+                    let p = ps[j / g];
+                    sc[b] = p.scale;
+                    z[b] = p.zero;
+                    c[sp * span + j] = grid.encode(v, p);
+                }
+            }
+            (c, sc, z)
+        })
+        .collect();
     let mut codes = ndarray::Array2::<u8>::zeros((out, inp));
     let mut scales = ndarray::Array2::<f32>::zeros((out, nb));
     let mut zeros = ndarray::Array2::<f32>::zeros((out, nb));
-    let mut ps = vec![GroupParams::scale_only(0.0); per_span];
-    for r in 0..out {
-        let row: Vec<f32> = w.row(r).to_vec();
-        for sp in 0..inp / span {
-            let x = &row[sp * span..(sp + 1) * span];
-            let imp = importance.map(|i| &i[sp * span..(sp + 1) * span]);
-            grid.fit_groups(x, imp, g, &mut ps);
-            for (j, &v) in x.iter().enumerate() {
-                let b = sp * per_span + j / g;
-                let p = ps[j / g];
-                scales[[r, b]] = p.scale;
-                zeros[[r, b]] = p.zero;
-                codes[[r, sp * span + j]] = grid.encode(v, p);
-            }
-        }
+    for (r, (c, sc, z)) in rows.into_iter().enumerate() {
+        codes.row_mut(r).assign(&ndarray::ArrayView1::from(&c));
+        scales.row_mut(r).assign(&ndarray::ArrayView1::from(&sc));
+        zeros.row_mut(r).assign(&ndarray::ArrayView1::from(&z));
     }
     let g_idx = (0..inp).map(|k| (k / g) as u32).collect();
     crate::QuantizedLinear::from_parts(

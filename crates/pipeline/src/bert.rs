@@ -297,7 +297,7 @@ pub fn run_bert(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quanti
                 let H = hs[p].finish();
                 let ts = Instant::now();
                 let W = to_array(&enc.model().weight(&lp.name)?)?;
-                let (lin, rep) = solve(lp, c.method, c, W.view(), Some(H.view()))?;
+                let (lin, rep) = solve(lp, c.method, c, W.view(), Some(H.view()), None)?;
                 let Qw = lin.dequantize();
                 let rel = rel_output_error(W.view(), Qw.view(), H.view())
                     .map_err(|e| PipelineError::solver(&lp.name, e))?;

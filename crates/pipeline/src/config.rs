@@ -220,6 +220,11 @@ pub struct QuantizeConfig {
     /// a model larger than half the RAM still quantizes; evaluation of the result is slower
     /// (each linear is dequantized on every forward). Same codes as without.
     pub lazy: bool,
+    /// An importance matrix in llama.cpp's formats (`--imatrix FILE`, GGUF or legacy `.dat`,
+    /// from `quantlab imatrix` or `llama-imatrix`): RTN onto a ggml grid weighs each block's
+    /// scale search by it instead of by a calibration capture, as `llama-quantize
+    /// --imatrix`. Only with `--method rtn` and `--format gguf:*`, without calibration.
+    pub imatrix: Option<std::path::PathBuf>,
 }
 
 /// GPTQ's default Hessian shrinkage on ggml's block grids (issue 18; docs/quantize.md,
@@ -273,6 +278,7 @@ impl Default for QuantizeConfig {
             awq_fold_only: false,
             format: ExportFormat::Quantlab,
             lazy: false,
+            imatrix: None,
         }
     }
 }
@@ -356,6 +362,20 @@ impl QuantizeConfig {
     /// Checks the options that do not depend on the model.
     pub fn validate(&self) -> Result<()> {
         let m = self.method;
+        if self.imatrix.is_some() {
+            if m != Method::Rtn {
+                return Err(PipelineError::option(
+                    "--imatrix",
+                    format!("weighs --method rtn on --format gguf:* (as llama-quantize --imatrix), not {m}: GPTQ and AWQ take their statistics from --calib"),
+                ));
+            }
+            if !matches!(self.format, ExportFormat::Gguf(t) if t.is_quantized()) {
+                return Err(PipelineError::option(
+                    "--imatrix",
+                    "weighs the block scales of ggml's grids: use it with --format gguf:<type> (e.g. gguf:q4_0)",
+                ));
+            }
+        }
         let bits = self.bits.unwrap_or(m.default_bits());
         if !m.supports_bits(bits) {
             return Err(PipelineError::option(
@@ -699,7 +719,7 @@ impl QuantizeConfig {
         if !m.needs_calibration() {
             notes.push(format!("{m}: data-free without calibration (errors measured on the weights); with calibration text it measures each layer's output error (one capture per block) and, on ggml grids, weights each block's scale by the inputs' importance"));
         }
-        notes.extend(self.format.plan_notes(m, &layers));
+        notes.extend(self.format.plan_notes(m, &layers, self.imatrix.as_deref()));
         Ok(Plan {
             method: m,
             bits,
@@ -925,7 +945,12 @@ impl ExportFormat {
     }
 
     /// What the plan's notes say about this format, given its final layers.
-    fn plan_notes(&self, m: Method, layers: &[LayerPlan]) -> Vec<String> {
+    fn plan_notes(
+        &self,
+        m: Method,
+        layers: &[LayerPlan],
+        imatrix: Option<&std::path::Path>,
+    ) -> Vec<String> {
         let mut notes = Vec::new();
         let ExportFormat::Gguf(t) = *self else {
             return notes;
@@ -953,7 +978,10 @@ impl ExportFormat {
             }
         }
         if m == Method::Rtn {
-            notes.push(format!("{fname}: rtn fits each block's scale with the importance matrix diag(X^T X) of the calibration capture (llama.cpp's imatrix)"));
+            notes.push(match imatrix {
+                Some(f) => format!("{fname}: rtn fits each block's scale with the importance matrix of {} (as llama-quantize --imatrix); no calibration pass", f.display()),
+                None => format!("{fname}: rtn fits each block's scale with the importance matrix diag(X^T X) of the calibration capture when calibration text is given (llama.cpp's imatrix), by ggml's plain fit without it"),
+            });
         }
         notes
     }

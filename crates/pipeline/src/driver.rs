@@ -224,7 +224,9 @@ pub fn quantize_model(
 /// bitsandbytes always): every linear is rounded from its weights alone, no forward pass is
 /// run, and each report's `rel_output_error` is the relative error of the weights,
 /// `||W - Q||^2 / ||W||^2` (the output error for white inputs, `H = I`), marked by
-/// `error_basis: "weights"`.
+/// `error_basis: "weights"`. With an importance matrix file (`cfg.imatrix`) RTN on the ggml
+/// grids weighs each block by it and the error is weighted per input column by the same
+/// importance (`error_basis: "imatrix"`).
 fn quantize_data_free(
     model: &mut LlamaModel,
     plan: &Plan,
@@ -236,6 +238,10 @@ fn quantize_data_free(
     let (_mp, bar_blocks, bar_layers) = bars(plan, model.n_blocks(), ctl.progress);
     let mut layers = Vec::with_capacity(plan.layers.len());
     let mut reports = Vec::with_capacity(plan.layers.len());
+    let imatrix = match &cfg.imatrix {
+        Some(f) => Some((f, crate::imatrix::read_imatrix(f)?)),
+        None => None,
+    };
     for lp in &plan.layers {
         ctl.check()?;
         if lp.skip {
@@ -251,12 +257,20 @@ fn quantize_data_free(
         bar_layers.set_message(lp.name.clone());
         let ts = Instant::now();
         let W = weight_of(model, &lp.name)?;
-        let (lin, rep) = solve(lp, cfg.method, cfg, W.view(), None)?;
+        let imp = match &imatrix {
+            Some((f, m)) => Some(crate::imatrix::importance_for(m, f, &lp.name, W.ncols())?),
+            None => None,
+        };
+        let (lin, rep) = solve(lp, cfg.method, cfg, W.view(), None, imp.as_deref())?;
         let Qw = lin.dequantize();
+        // the error of the weights, weighted per input column by the importance when given
         let (mut num, mut den) = (0f64, 0f64);
-        for (&w, &q) in W.iter().zip(Qw.iter()) {
-            num += ((w - q) as f64).powi(2);
-            den += (w as f64).powi(2);
+        for (wr, qr) in W.rows().into_iter().zip(Qw.rows()) {
+            for (k, (&w, &q)) in wr.iter().zip(qr.iter()).enumerate() {
+                let c = imp.as_ref().map_or(1.0, |v| v[k].max(0.0) as f64);
+                num += c * ((w - q) as f64).powi(2);
+                den += c * (w as f64).powi(2);
+            }
         }
         install(model, cfg, &lp.name, Some(&lin), None, Qw.view())?;
         let secs = ts.elapsed().as_secs_f64();
@@ -268,7 +282,7 @@ fn quantize_data_free(
             num / den.max(f64::MIN_POSITIVE),
             secs,
         );
-        r.error_basis = "weights";
+        r.error_basis = if imp.is_some() { "imatrix" } else { "weights" };
         layers.push(QuantizedLayer {
             name: lp.name.clone(),
             linear: Some(lin),

@@ -62,9 +62,11 @@ impl std::fmt::Display for ExportFormat {
     }
 }
 
-/// The type llama.cpp writes instead of a K type for rows that are not a multiple of 256
-/// (`llama_tensor_get_type`): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K and Q3_K ->
-/// IQ4_NL (4.5 bits per weight, 16 non-uniform levels). Other types are returned unchanged.
+/// The type written instead of a K type for rows that are not a multiple of 256: Q4_K ->
+/// Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 as llama.cpp's `tensor_type_fallback`; Q2_K and Q3_K ->
+/// IQ4_NL (4.5 bits per weight, 16 non-uniform levels), where the llama.cpp vendored in
+/// llama-cpp-python 0.3.36 writes Q4_0 (the same 4.5 bits per weight; older llama.cpp wrote
+/// IQ4_NL). Other types are returned unchanged.
 pub fn k_fallback(ty: GgmlType) -> GgmlType {
     match ty {
         GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::IQ4_NL,

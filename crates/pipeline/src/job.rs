@@ -97,6 +97,15 @@ pub fn check_files(job: &QuantizeJob) -> Result<()> {
             ));
         }
     }
+    if let Some(f) = &job.config.imatrix {
+        if job.calibration != Calibration::None {
+            return Err(PipelineError::option(
+                "--imatrix",
+                "the importance matrix replaces the calibration capture: drop --calib (or drop --imatrix to weigh by --calib)",
+            ));
+        }
+        crate::imatrix::read_imatrix(f)?;
+    }
     if job.calibration == Calibration::None && job.config.method.needs_calibration() {
         return Err(PipelineError::option(
             "--calib",

@@ -43,6 +43,7 @@ pub mod driver;
 mod error;
 pub mod export;
 pub mod format;
+pub mod imatrix;
 pub mod job;
 pub mod layer;
 pub mod method;

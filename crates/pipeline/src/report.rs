@@ -54,7 +54,8 @@ pub struct LayerReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub awq_alpha: Option<f64>,
     /// What `rel_output_error` was measured on: `"calibration"` (the Hessian of the inputs
-    /// this linear received) or `"weights"` (no calibration was run: `H = I`).
+    /// this linear received), `"weights"` (no calibration was run: `H = I`) or `"imatrix"`
+    /// (no calibration; `H` = the diagonal of the `--imatrix` file's importance).
     pub error_basis: &'static str,
 }
 

@@ -77,3 +77,48 @@ pub fn rtn_imatrix(
     report.seconds = t0.elapsed().as_secs_f64();
     Ok((lin, report))
 }
+
+/// [`rtn_imatrix`] with the importance given directly, one value per input column (an
+/// importance matrix file's values, `mean(x_k^2)`, as `llama-quantize --imatrix` uses them);
+/// the report's `loss` is then `1/2 sum_k imp_k (w_k - q_k)^2` summed over rows. Same codes as
+/// [`rtn_imatrix`] with a Hessian whose diagonal is `imp` (a test checks it). Errors when
+/// `imp` does not have one value per column.
+pub fn rtn_imatrix_weights(
+    W: ArrayView2<f32>,
+    grid: quantlab_grids::GgmlGrid,
+    imp: Option<&[f32]>,
+) -> Result<(QuantizedLinear, SolveReport)> {
+    let t0 = Instant::now();
+    if let Some(imp) = imp {
+        if imp.len() != W.ncols() {
+            return Err(crate::error::shape_err(
+                "rtn_imatrix_weights",
+                format!(
+                    "{} importance values for {} input columns",
+                    imp.len(),
+                    W.ncols()
+                ),
+            ));
+        }
+    }
+    let clean: Option<Vec<f32>> = imp.map(|v| {
+        v.iter()
+            .map(|x| if x.is_finite() { x.max(0.0) } else { 0.0 })
+            .collect()
+    });
+    let lin = quantlab_grids::ggml::quantize_ggml_weighted("weight", W, grid, clean.as_deref())?;
+    let method = if imp.is_some() { "rtn-imatrix" } else { "rtn" };
+    let mut report = SolveReport::new(method, lin.spec.build().name(), W.dim());
+    if let Some(imp) = clean {
+        let Q = lin.dequantize();
+        let mut loss = 0f64;
+        for (wr, qr) in W.rows().into_iter().zip(Q.rows()) {
+            for ((w, q), c) in wr.iter().zip(qr.iter()).zip(&imp) {
+                loss += *c as f64 * ((w - q) as f64).powi(2);
+            }
+        }
+        report.loss = Some(0.5 * loss);
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok((lin, report))
+}

@@ -552,6 +552,7 @@ pub fn write_gguf_typed(
         tensors,
         Some((source_gguf, &src)),
         file_type,
+        false,
     )
 }
 
@@ -563,7 +564,19 @@ pub fn write_gguf_metadata(
     metadata: &[(String, GgufValue)],
     tensors: &[(String, GgufTensor)],
 ) -> Result<()> {
-    write_impl(path, metadata, tensors, None, None)
+    write_impl(path, metadata, tensors, None, None, false)
+}
+
+/// A GGUF v3 file holding exactly `metadata` and `tensors`, names as given (no HF name
+/// mapping, no q/k permutation, no `general.file_type`): for files that are not models, such
+/// as llama.cpp's importance matrices ([`crate::imatrix`]). Atomic, and checked as
+/// [`write_gguf`] checks shapes and byte lengths.
+pub fn write_gguf_raw(
+    path: &Path,
+    metadata: &[(String, GgufValue)],
+    tensors: &[(String, GgufTensor)],
+) -> Result<()> {
+    write_impl(path, metadata, tensors, None, None, true)
 }
 
 /// [`write_gguf_metadata`] with `general.file_type` from `file_type` (see
@@ -574,7 +587,7 @@ pub fn write_gguf_metadata_typed(
     tensors: &[(String, GgufTensor)],
     file_type: Option<GgmlType>,
 ) -> Result<()> {
-    write_impl(path, metadata, tensors, None, file_type)
+    write_impl(path, metadata, tensors, None, file_type, false)
 }
 
 fn meta_uint(meta: &[(String, GgufValue)], key: &str) -> Option<usize> {
@@ -590,6 +603,7 @@ fn write_impl(
     tensors: &[(String, GgufTensor)],
     source: Option<(&Path, &GgufFile)>,
     file_type: Option<GgmlType>,
+    raw: bool,
 ) -> Result<()> {
     let arch = metadata
         .iter()
@@ -602,7 +616,7 @@ fn write_impl(
     let mut entries: Vec<Entry> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (name, t) in tensors {
-        let gname = if is_gguf_name(name) {
+        let gname = if raw || is_gguf_name(name) {
             name.clone()
         } else {
             hf_to_gguf_name(name).ok_or_else(|| {
@@ -645,7 +659,7 @@ fn write_impl(
         }
         let is_q = name.contains(".self_attn.q_proj.");
         let is_k = name.contains(".self_attn.k_proj.");
-        let bytes = if arch == "llama" && (is_q || is_k) {
+        let bytes = if !raw && arch == "llama" && (is_q || is_k) {
             let heads = if is_q { n_head } else { n_kv }.unwrap_or(0);
             let rows = t.shape[0];
             if heads == 0 || rows % (2 * heads) != 0 || t.shape.len() > 2 {
@@ -701,14 +715,14 @@ fn write_impl(
     let main_ty = file_type.or(main_ty);
     let mut meta: Vec<(String, GgufValue)> = metadata
         .iter()
-        .filter(|(k, _)| !dropped_key(k))
+        .filter(|(k, _)| raw || !dropped_key(k))
         .cloned()
         .collect();
     let quantized = main_ty.is_some_and(|t| t.is_quantized()) || any_quantized;
-    if quantized {
+    if quantized && !raw {
         meta.push(("general.quantization_version".into(), GgufValue::U32(2)));
     }
-    if let Some(ft) = main_ty.and_then(file_type_of) {
+    if let Some(ft) = main_ty.and_then(file_type_of).filter(|_| !raw) {
         meta.push(("general.file_type".into(), GgufValue::U32(ft)));
     }
 

@@ -379,7 +379,7 @@ pub(super) fn awq_quantize(
             }
             t.awq_search += tc.elapsed().as_secs_f64();
             let tq = Instant::now();
-            let (l, r) = solve(lp, cfg.method, cfg, Wq.view(), Some(H.view()))?;
+            let (l, r) = solve(lp, cfg.method, cfg, Wq.view(), Some(H.view()), None)?;
             mem = l.dequantize();
             rel = rel_output_error(Ws[k].view(), mem.view(), H.view())
                 .map_err(|e| PipelineError::solver(&lp.name, e))?;

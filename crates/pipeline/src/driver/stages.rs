@@ -15,7 +15,7 @@ use quantlab_models::{CaptureHook, CodesLinear, LlamaModel, BLOCK_LINEARS};
 use quantlab_solvers::awq::AwqStats;
 use quantlab_solvers::gptq::{gptq, GptqParams, GroupFit};
 use quantlab_solvers::hessian::{Counting, Hessian};
-use quantlab_solvers::rtn::{rtn, rtn_imatrix};
+use quantlab_solvers::rtn::{rtn, rtn_imatrix, rtn_imatrix_weights};
 use quantlab_solvers::{rel_output_error, SolveReport};
 
 use crate::config::{LayerPlan, Method, QuantizeConfig};
@@ -253,13 +253,15 @@ pub(super) fn set(model: &mut LlamaModel, name: &str, w: ArrayView2<f32>) -> Res
 
 /// Quantize one weight with the plan's solver: GPTQ for the GPTQ methods (which need `H`),
 /// RTN otherwise; on a ggml block grid RTN is importance-weighted by `diag(H)` when `H` is
-/// given (llama.cpp's imatrix), plain without it.
+/// given (llama.cpp's imatrix), else by `imp` (an importance matrix file's values for this
+/// linear) when given, plain without either.
 pub(crate) fn solve(
     lp: &LayerPlan,
     method: Method,
     cfg: &QuantizeConfig,
     W: ArrayView2<f32>,
     H: Option<ArrayView2<f32>>,
+    imp: Option<&[f32]>,
 ) -> Result<(QuantizedLinear, SolveReport)> {
     let (lin, rep) = if method.uses_gptq() {
         let ggml = matches!(lp.spec, quantlab_grids::FormatSpec::Ggml(_));
@@ -284,7 +286,10 @@ pub(crate) fn solve(
         })?;
         gptq(W, H, &lp.spec, &p)
     } else if let quantlab_grids::FormatSpec::Ggml(grid) = lp.spec {
-        rtn_imatrix(W, grid, H)
+        match (H, imp) {
+            (None, Some(imp)) => rtn_imatrix_weights(W, grid, Some(imp)),
+            _ => rtn_imatrix(W, grid, H),
+        }
     } else {
         rtn(W, None, &lp.spec, lp.granularity)
     }
@@ -533,7 +538,14 @@ impl GroupSolver<'_> {
             Some((ws, _)) => ws[k].clone(),
             None => weight_of(model, &lp.name)?,
         };
-        let (lin, rep) = solve(lp, self.cfg.method, self.cfg, W.view(), Some(H.view()))?;
+        let (lin, rep) = solve(
+            lp,
+            self.cfg.method,
+            self.cfg,
+            W.view(),
+            Some(H.view()),
+            None,
+        )?;
         let mut Qw = lin.dequantize();
         let rel = rel_output_error(W.view(), Qw.view(), H.view())
             .map_err(|e| PipelineError::solver(&lp.name, e))?;
