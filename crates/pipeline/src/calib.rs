@@ -152,11 +152,7 @@ pub fn float_hessians(
                 format!("`{name}` is not a block linear of this model (e.g. model.layers.0.mlp.down_proj)"),
             ));
         };
-        let shared = match kind {
-            1 | 2 => 0,
-            5 => 4,
-            k => k,
-        };
+        let shared = shared_input(kind);
         input_of.insert(
             name.clone(),
             format!("model.layers.{block}.{}", BLOCK_LINEARS[shared]),
@@ -164,8 +160,38 @@ pub fn float_hessians(
         last = last.max(block);
     }
     let wanted: BTreeSet<String> = input_of.values().cloned().collect();
+    let acc = accumulate_inputs(model, windows, &wanted, last, Hessian::new, |_| {})?;
+    let finished: BTreeMap<String, Array2<f32>> =
+        acc.into_iter().map(|(k, h)| (k, h.finish())).collect();
+    Ok(input_of
+        .into_iter()
+        .filter_map(|(name, input)| Some((name, finished.get(&input)?.clone())))
+        .collect())
+}
+
+/// The index in [`BLOCK_LINEARS`] of the linear whose input linear `kind` reads: q for q/k/v,
+/// gate for gate/up, itself otherwise.
+pub fn shared_input(kind: usize) -> usize {
+    match kind {
+        1 | 2 => 0,
+        5 => 4,
+        k => k,
+    }
+}
+
+/// Runs every window through blocks `0..=last` in full precision and accumulates the inputs
+/// of the linears named in `wanted` into one [`Hessian`] each (made by `new` from the input
+/// width: full or diagonal); `on_window` is called after each window with the count so far.
+pub fn accumulate_inputs(
+    model: &LlamaModel,
+    windows: &[Vec<u32>],
+    wanted: &BTreeSet<String>,
+    last: usize,
+    new: fn(usize) -> Hessian,
+    mut on_window: impl FnMut(usize),
+) -> Result<BTreeMap<String, Hessian>> {
     let mut acc: BTreeMap<String, Hessian> = BTreeMap::new();
-    for w in windows {
+    for (i, w) in windows.iter().enumerate() {
         let mut err: Option<PipelineError> = None;
         {
             let mut hook = CaptureHook::new(wanted.iter().cloned(), |name: &str, x| {
@@ -177,7 +203,7 @@ pub fn float_hessians(
                     let view = ArrayView2::from_shape((v.len() / cols, cols), v)
                         .expect("a contiguous [tokens, features] input");
                     acc.entry(name.to_string())
-                        .or_insert_with(|| Hessian::new(cols))
+                        .or_insert_with(|| new(cols))
                         .add_batch(view, 1)
                         .map_err(|e| PipelineError::solver(name, e))
                 });
@@ -188,18 +214,14 @@ pub fn float_hessians(
                 }
             });
             let mut h = model.embed(&[w.as_slice()])?;
-            for i in 0..=last {
-                h = model.block_forward(i, &h, 0, None, Some(&mut hook))?;
+            for b in 0..=last {
+                h = model.block_forward(b, &h, 0, None, Some(&mut hook))?;
             }
         }
         if let Some(e) = err {
             return Err(e);
         }
+        on_window(i + 1);
     }
-    let finished: BTreeMap<String, Array2<f32>> =
-        acc.into_iter().map(|(k, h)| (k, h.finish())).collect();
-    Ok(input_of
-        .into_iter()
-        .filter_map(|(name, input)| Some((name, finished.get(&input)?.clone())))
-        .collect())
+    Ok(acc)
 }

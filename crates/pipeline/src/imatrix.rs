@@ -8,15 +8,15 @@
 //! llama.cpp's files. The output head is not included (llama-imatrix leaves it out unless
 //! `--process-output`). The file itself is [`quantlab_checkpoints::imatrix`].
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::Path;
 
-use ndarray::ArrayView2;
 use quantlab_checkpoints::export::gguf::hf_to_gguf_name;
 use quantlab_checkpoints::imatrix::Imatrix;
-use quantlab_models::{CaptureHook, LlamaModel, BLOCK_LINEARS};
+use quantlab_models::{LlamaModel, BLOCK_LINEARS};
 use quantlab_solvers::hessian::Hessian;
 
+use crate::calib::{accumulate_inputs, shared_input};
 use crate::{PipelineError, Result};
 
 /// The GGUF tensor name under which a linear's statistics are stored
@@ -104,62 +104,32 @@ pub fn compute_imatrix(
     model: &LlamaModel,
     windows: &[Vec<u32>],
     dataset: &str,
-    mut on_chunk: impl FnMut(usize),
+    on_chunk: impl FnMut(usize),
 ) -> Result<Imatrix> {
     let n_blocks = model.n_blocks();
     // the linears that read distinct inputs: q (for q/k/v), o, gate (for gate/up), down
     let readers = [0usize, 3, 4, 6];
-    let wanted: Vec<String> = (0..n_blocks)
+    let wanted: BTreeSet<String> = (0..n_blocks)
         .flat_map(|b| {
             readers
                 .iter()
                 .map(move |&k| format!("model.layers.{b}.{}", BLOCK_LINEARS[k]))
         })
         .collect();
-    let mut acc: BTreeMap<String, Hessian> = BTreeMap::new();
-    for (i, w) in windows.iter().enumerate() {
-        let mut err: Option<PipelineError> = None;
-        {
-            let mut hook = CaptureHook::new(wanted.iter().cloned(), |name: &str, x| {
-                if err.is_some() {
-                    return;
-                }
-                let cols = x.dims()[x.dims().len() - 1];
-                let r = quantlab_models::with_f32(x, |v| {
-                    let view = ArrayView2::from_shape((v.len() / cols, cols), v)
-                        .expect("a contiguous [tokens, features] input");
-                    acc.entry(name.to_string())
-                        .or_insert_with(|| Hessian::diagonal(cols))
-                        .add_batch(view, 1)
-                        .map_err(|e| PipelineError::solver(name, e))
-                });
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => err = Some(e),
-                    Err(e) => err = Some(e.into()),
-                }
-            });
-            let mut h = model.embed(&[w.as_slice()])?;
-            for b in 0..n_blocks {
-                h = model.block_forward(b, &h, 0, None, Some(&mut hook))?;
-            }
-        }
-        if let Some(e) = err {
-            return Err(e);
-        }
-        on_chunk(i + 1);
-    }
+    let acc = accumulate_inputs(
+        model,
+        windows,
+        &wanted,
+        n_blocks.saturating_sub(1),
+        Hessian::diagonal,
+        on_chunk,
+    )?;
     let chunk_size = windows.first().map_or(0, Vec::len) as u32;
     let mut m = Imatrix::new(vec![dataset.to_string()], chunk_size);
     m.chunk_count = windows.len() as u32;
     for b in 0..n_blocks {
         for (k, module) in BLOCK_LINEARS.iter().enumerate() {
-            let reader = match k {
-                1 | 2 => 0,
-                5 => 4,
-                k => k,
-            };
-            let src = format!("model.layers.{b}.{}", BLOCK_LINEARS[reader]);
+            let src = format!("model.layers.{b}.{}", BLOCK_LINEARS[shared_input(k)]);
             let Some(h) = acc.get(&src) else { continue };
             let linear = format!("model.layers.{b}.{module}");
             let name = gguf_weight_name(&linear).expect("a block linear has a GGUF name");
