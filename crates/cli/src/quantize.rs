@@ -148,14 +148,21 @@ pub struct QuantizeArgs {
     /// (checkpoint_format "gptq", zeros minus one, what transformers / AutoGPTQ / vLLM load),
     /// `gptq_v2` (raw zeros, GPTQModel), `awq` (AutoAWQ GEMM, 4 bits), `bnb-nf4` / `bnb-fp4`
     /// (bitsandbytes Linear4bit; --method nf4/fp4, or gptq for GPTQ on the codebook),
-    /// `bnb-int8` (LLM.int8; --method int8), or `gguf:<type>` with type q4_0, q4_1, q5_0,
-    /// q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f32, f16 (one .gguf file for llama.cpp;
-    /// --method gptq quantizes on the ggml block grid, K types on their 256-weight
-    /// super-blocks, --method rtn with --calib fits each block with the calibration's imatrix; K-type rows
-    /// that are not multiples of 256 fall back as llama.cpp does: Q4_K -> Q5_0, Q5_K -> Q5_1,
-    /// Q6_K -> Q8_0, Q2_K / Q3_K -> IQ4_NL). Checked against the method before any work.
+    /// `bnb-int8` (LLM.int8; --method int8), or `gguf:<type>` (case-insensitive) with type
+    /// q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q3_k_s, q3_k_m, q3_k_l, q4_k, q4_k_s,
+    /// q4_k_m, q5_k, q5_k_s, q5_k_m, q6_k, iq4_nl, f32, f16 (one .gguf file for llama.cpp;
+    /// the _S/_M/_L mixes and q2_k give attn_v, ffn_down and attn_output llama-quantize's
+    /// per-layer types, q3_k / q4_k / q5_k are pure; --method gptq quantizes every linear on
+    /// its own ggml grid, K types on their 256-weight super-blocks, --method rtn with --calib
+    /// fits each block with the calibration's imatrix; K-type rows that are not multiples of
+    /// 256 fall back as llama.cpp does: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K / Q3_K
+    /// -> IQ4_NL). Checked against the method before any work.
     #[arg(long, default_value = "quantlab", value_name = "FORMAT")]
     pub format: String,
+    /// GGUF: every block linear of the file type's base type (no per-tensor mix), as
+    /// llama-quantize --pure.
+    #[arg(long)]
+    pub pure: bool,
     /// Output directory (a .gguf file for --format gguf:*), written atomically.
     #[arg(long, value_name = "PATH", required_unless_present = "dry_run")]
     pub out: Option<PathBuf>,
@@ -212,7 +219,14 @@ fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
         true_sequential: !a.no_true_sequential,
         awq_samples: a.awq_samples,
         awq_fold_only: false,
-        format: ExportFormat::parse(&a.format)?,
+        format: {
+            let f = ExportFormat::parse(&a.format)?;
+            if a.pure {
+                f.pure()?
+            } else {
+                f
+            }
+        },
         lazy: a.lazy,
         imatrix: a.imatrix.clone(),
     };

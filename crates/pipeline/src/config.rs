@@ -20,7 +20,9 @@ use quantlab_grids::{DoubleQuant, FormatSpec, Fp8Kind, Granularity, MseClip, Uni
 use quantlab_models::{LlamaConfig, BLOCK_LINEARS};
 use serde::Serialize;
 
-use crate::format::{grid_of, is_k_type, k_fallback, type_for_row, ExportFormat};
+use crate::format::{
+    grid_of, is_k_type, k_fallback, type_for_row, ExportFormat, LinearRole, TensorSite,
+};
 use crate::{PipelineError, Result};
 
 pub use crate::method::Method;
@@ -369,7 +371,7 @@ impl QuantizeConfig {
                     format!("weighs --method rtn on --format gguf:* (as llama-quantize --imatrix), not {m}: GPTQ and AWQ take their statistics from --calib"),
                 ));
             }
-            if !matches!(self.format, ExportFormat::Gguf(t) if t.is_quantized()) {
+            if !matches!(self.format, ExportFormat::Gguf(f) if f.ty.is_quantized()) {
                 return Err(PipelineError::option(
                     "--imatrix",
                     "weighs the block scales of ggml's grids: use it with --format gguf:<type> (e.g. gguf:q4_0)",
@@ -598,7 +600,8 @@ impl QuantizeConfig {
                 mc.num_key_value_heads, mc.num_attention_heads
             ));
         }
-        self.build_plan(&linears, "model.layers.0.mlp.down_proj", notes)
+        let n_gqa = (mc.num_attention_heads / mc.num_key_value_heads.max(1)).max(1);
+        self.build_plan(&linears, "model.layers.0.mlp.down_proj", notes, n_gqa)
     }
 
     /// The architecture-independent part of [`QuantizeConfig::plan`]: resolves defaults, skips
@@ -610,17 +613,19 @@ impl QuantizeConfig {
         linears: &[(String, usize, usize, (usize, usize))],
         example: &str,
     ) -> Result<Plan> {
-        self.build_plan(linears, example, Vec::new())
+        self.build_plan(linears, example, Vec::new(), 1)
     }
 
     /// [`QuantizeConfig::plan_linears`] with the architecture's notes first. Each linear's
     /// settings are final when it enters the plan: the method's defaults, then the skips and
     /// overrides, then the format's rule for that linear ([`ExportFormat::fit_layer`]).
+    /// `n_gqa`: query heads per key/value head (llama.cpp's GGUF type rules read it).
     fn build_plan(
         &self,
         linears: &[(String, usize, usize, (usize, usize))],
         example: &str,
         mut notes: Vec<String>,
+        n_gqa: usize,
     ) -> Result<Plan> {
         self.validate()?;
         let m = self.method;
@@ -633,6 +638,8 @@ impl QuantizeConfig {
         let mut layers = Vec::new();
         let mut used_skip = vec![false; self.skip.len()];
         let mut used_override = vec![false; self.overrides.len()];
+        let n_layer = linears.iter().map(|l| l.1 + 1).max().unwrap_or(0);
+        let has_imatrix = m.needs_calibration() || self.imatrix.is_some();
         {
             for (name, block, kind, shape) in linears {
                 let (name, block, kind, shape) = (name.clone(), *block, *kind, *shape);
@@ -678,21 +685,31 @@ impl QuantizeConfig {
                     }
                 }
                 let spec = self.spec(b, sym)?;
-                layers.push(self.format.fit_layer(LayerPlan {
-                    name,
-                    block,
-                    kind,
-                    shape,
-                    skip,
-                    bits: b,
-                    group_size: g,
-                    sym,
-                    act_order: ao,
-                    static_groups: self.static_groups,
-                    damp,
-                    spec,
-                    granularity,
-                })?);
+                let site = TensorSite {
+                    role: LinearRole::of(&name),
+                    layer: block,
+                    n_layer,
+                    n_gqa,
+                    has_imatrix,
+                };
+                layers.push(self.format.fit_layer(
+                    LayerPlan {
+                        name,
+                        block,
+                        kind,
+                        shape,
+                        skip,
+                        bits: b,
+                        group_size: g,
+                        sym,
+                        act_order: ao,
+                        static_groups: self.static_groups,
+                        damp,
+                        spec,
+                        granularity,
+                    },
+                    &site,
+                )?);
             }
         }
         if let Some(i) = used_skip.iter().position(|u| !u) {
@@ -829,7 +846,8 @@ impl ExportFormat {
                 }
                 Ok(())
             }
-            Self::Gguf(t) => {
+            Self::Gguf(f) => {
+                let t = f.ty;
                 if !matches!(m, Method::Rtn | Method::Gptq) {
                     return bad(format!("GGUF blocks are written from --method rtn (with the calibration imatrix) or --method gptq (on the block grid), not {m}"));
                 }
@@ -873,9 +891,10 @@ impl ExportFormat {
     /// The format's rule for one linear, applied as the plan is built (after the method's
     /// defaults, skips and overrides): the per-layer GGUF grid (K types: the K grid with
     /// groups of its sub-blocks for rows that are multiples of 256, the fallback grid for
-    /// shorter rows; a float type quantizes nothing), and the shape checks the format
-    /// needs, each naming the linear.
-    pub fn fit_layer(&self, mut lp: LayerPlan) -> Result<LayerPlan> {
+    /// shorter rows; a float type quantizes nothing; the type of a GGUF file type's linear
+    /// by llama.cpp's rule for `site`, [`crate::format::GgufFile::tensor_type`]), and the
+    /// shape checks the format needs, each naming the linear.
+    pub fn fit_layer(&self, mut lp: LayerPlan, site: &TensorSite) -> Result<LayerPlan> {
         let fname = self.name();
         let bad = |name: &str, d: String| {
             Err(PipelineError::option(
@@ -908,15 +927,15 @@ impl ExportFormat {
                     );
                 }
             }
-            ExportFormat::Gguf(t) => {
-                if !t.is_quantized() {
+            ExportFormat::Gguf(f) => {
+                if !f.ty.is_quantized() {
                     lp.skip = true;
                     return Ok(lp);
                 }
                 if lp.skip {
                     return Ok(lp);
                 }
-                let lt = type_for_row(t, inp);
+                let lt = type_for_row(f.tensor_type(site), inp);
                 if inp % 32 != 0 {
                     return bad(
                         &lp.name,
@@ -952,9 +971,10 @@ impl ExportFormat {
         imatrix: Option<&std::path::Path>,
     ) -> Vec<String> {
         let mut notes = Vec::new();
-        let ExportFormat::Gguf(t) = *self else {
+        let ExportFormat::Gguf(f) = *self else {
             return notes;
         };
+        let t = f.ty;
         let fname = self.name();
         if !t.is_quantized() {
             notes.push(format!(
@@ -963,17 +983,48 @@ impl ExportFormat {
             ));
             return notes;
         }
-        if is_k_type(t) {
-            let k_layers = layers
-                .iter()
-                .filter(|l| !l.skip && matches!(l.spec, FormatSpec::Ggml(g) if g.is_k()))
-                .count();
+        let mut counts: Vec<(&'static str, usize)> = Vec::new();
+        for l in layers.iter().filter(|l| !l.skip) {
+            if let FormatSpec::Ggml(g) = l.spec {
+                match counts.iter_mut().find(|(n, _)| *n == g.ggml_name()) {
+                    Some(c) => c.1 += 1,
+                    None => counts.push((g.ggml_name(), 1)),
+                }
+            }
+        }
+        let by_type = counts
+            .iter()
+            .map(|(n, c)| format!("{c} x {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rule = match (f.pure, f.mix) {
+            (true, _) => "--pure: every block linear of the base type".to_string(),
+            (false, crate::format::GgufMix::Pure) => format!("every block linear {} where its rows allow", t.name()),
+            (false, _) => format!(
+                "llama.cpp's per-tensor rule for {} (attn_v / ffn_down / attn_output raised by layer)",
+                f.name().to_ascii_uppercase()
+            ),
+        };
+        let fallback = if is_k_type(t) || f.mix != crate::format::GgufMix::Pure {
+            format!(
+                "; rows that are not whole 256-weight super-blocks of a K type fall back as llama.cpp: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K / Q3_K -> {}",
+                k_fallback(quantlab_checkpoints::gguf::GgmlType::Q2_K).name()
+            )
+        } else {
+            String::new()
+        };
+        notes.push(format!(
+            "{fname}: block linears {by_type} ({rule}{fallback})"
+        ));
+        let k_layers = layers
+            .iter()
+            .filter(|l| !l.skip && matches!(l.spec, FormatSpec::Ggml(g) if g.is_k()))
+            .count();
+        if k_layers > 0 {
             notes.push(format!(
-                "{fname}: {k_layers} linears with rows of whole 256-blocks are quantized on the {} grid (each super-block's d, dmin and sub-block scales fitted together, {m} method), the others on the {} grid (llama.cpp's fallback)",
-                t.name(),
-                k_fallback(t).name(),
+                "{fname}: {k_layers} linears are on K grids (each super-block's d, dmin and sub-block scales fitted together, {m} method)"
             ));
-            if m.uses_gptq() && k_layers > 0 {
+            if m.uses_gptq() {
                 notes.push(format!("{fname}: GPTQ runs the K-grid linears in the natural column order, each super-block fitted when the sweep reaches it, whatever --act-order / --static-groups say (measured better on held-out text; docs/quantize.md, issue 18), with the Hessian shrunk by {DEFAULT_GGML_K_HESSIAN_SHRINK} unless --hessian-shrink is given"));
             }
         }

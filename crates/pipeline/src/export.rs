@@ -47,8 +47,8 @@ use crate::tensors::to_array;
 use crate::{PipelineError, Result};
 
 pub use crate::format::{
-    grid_of, is_k_type, k_fallback, llama_cpp_embedding_type, type_for_row, ExportFormat,
-    GGUF_TYPES,
+    grid_of, is_k_type, k_fallback, llama_cpp_embedding_type, type_for_row, use_more_bits,
+    ExportFormat, GgufFile, GgufMix, LinearRole, TensorSite, GGUF_FILES,
 };
 
 /// Everything [`write_export`] needs from a run.
@@ -135,7 +135,7 @@ pub fn write_export(out: &Path, inp: &ExportInputs<'_>) -> Result<()> {
             "--format",
             "quantlab: written by save_quantized",
         )),
-        ExportFormat::Gguf(t) => write_gguf_export(out, inp, t),
+        ExportFormat::Gguf(f) => write_gguf_export(out, inp, f),
         f => write_hf_export(out, inp, f),
     }
 }
@@ -260,8 +260,9 @@ fn write_hf_export(out: &Path, inp: &ExportInputs<'_>, f: ExportFormat) -> Resul
     Ok(())
 }
 
-fn write_gguf_export(out: &Path, inp: &ExportInputs<'_>, t: GgmlType) -> Result<()> {
+fn write_gguf_export(out: &Path, inp: &ExportInputs<'_>, f: GgufFile) -> Result<()> {
     let mc = inp.model.config();
+    let t = f.ty;
     let float_ty = if t == GgmlType::F16 {
         GgmlType::F16
     } else {
@@ -294,7 +295,7 @@ fn write_gguf_export(out: &Path, inp: &ExportInputs<'_>, t: GgmlType) -> Result<
         g.shape = tt.dims().to_vec();
         tensors.push((name, g));
     }
-    let main = Some(t);
+    let main = f.file_type();
     match inp.source_kind {
         SourceKind::Gguf => write_gguf_typed(out, inp.source, &tensors, main).map_err(ck),
         SourceKind::HfDir => {

@@ -28,27 +28,250 @@ pub enum ExportFormat {
     BnbFp4,
     /// bitsandbytes LLM.int8.
     BnbInt8,
-    /// One GGUF file whose block linears are mostly of this type.
-    Gguf(GgmlType),
+    /// One GGUF file of this file type (the block linears' types by llama.cpp's rule for it).
+    Gguf(GgufFile),
 }
 
-/// The GGUF file types `--format gguf:<type>` accepts: the block types with a grid
-/// ([`quantlab_checkpoints::pack::gguf_blocks::BLOCK_TYPES`]) that llama.cpp offers as a
-/// file type here, IQ4_NL being written only as the K types' fallback, and the two floats.
-pub const GGUF_TYPES: [GgmlType; 12] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q2_K,
-    GgmlType::Q3_K,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-    GgmlType::F32,
-    GgmlType::F16,
+/// Which of llama.cpp's per-tensor type rules a GGUF file type follows (`llama-quantize`'s
+/// file types, [`GgufFile::tensor_type`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgufMix {
+    /// Every block linear of the file's type (rows that are not whole blocks of it fall
+    /// back, [`type_for_row`]): `q4_0` .. `q8_0`, and our `q3_k`, `q4_k`, `q5_k` (which
+    /// `llama-quantize` takes as aliases of its `_M` mixes; here they are pure).
+    Pure,
+    /// llama.cpp's rule for the type's own file type: `q2_k` (attn_v, attn_output and
+    /// ffn_down one step up), `q6_k`, `iq4_nl`.
+    Default,
+    /// `_S`.
+    Small,
+    /// `_M`.
+    Medium,
+    /// `_L`.
+    Large,
+}
+
+/// A GGUF file type `--format gguf:<type>` names: the type of most block linears, and the
+/// per-tensor rule llama.cpp's quantizer applies for that file type (`q4_k_m`: attn_v and
+/// ffn_down of some layers Q6_K, ...). `pure` (`--pure`, as llama-quantize's) gives every
+/// block linear the base type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GgufFile {
+    /// The type of the block linears the rule does not raise.
+    pub ty: GgmlType,
+    /// llama.cpp's per-tensor rule.
+    pub mix: GgufMix,
+    /// `--pure`: the rule is not applied.
+    pub pure: bool,
+}
+
+/// Where a block linear sits, for llama.cpp's per-tensor rules ([`GgufFile::tensor_type`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorSite {
+    /// The linear's role, from its name ([`LinearRole::of`]).
+    pub role: LinearRole,
+    /// Its block.
+    pub layer: usize,
+    /// Blocks in the model.
+    pub n_layer: usize,
+    /// Query heads per key/value head (1 without grouped-query attention).
+    pub n_gqa: usize,
+    /// Whether the block scales are fitted with importance weights (an imatrix, or the
+    /// calibration Hessian for GPTQ): llama.cpp relaxes two rules then.
+    pub has_imatrix: bool,
+}
+
+/// A block linear's role in llama.cpp's tensor categories.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearRole {
+    /// `attn_q`.
+    AttnQ,
+    /// `attn_k`.
+    AttnK,
+    /// `attn_v`.
+    AttnV,
+    /// `attn_output`.
+    AttnOutput,
+    /// `ffn_gate`.
+    FfnGate,
+    /// `ffn_up`.
+    FfnUp,
+    /// `ffn_down`.
+    FfnDown,
+    /// Anything else.
+    Other,
+}
+
+impl LinearRole {
+    /// The role of a Hugging Face LLaMA-family linear (`model.layers.3.self_attn.v_proj` ->
+    /// `AttnV`).
+    pub fn of(name: &str) -> Self {
+        let last = name.rsplit('.').next().unwrap_or("");
+        match last {
+            "q_proj" => Self::AttnQ,
+            "k_proj" => Self::AttnK,
+            "v_proj" => Self::AttnV,
+            "o_proj" => Self::AttnOutput,
+            "gate_proj" => Self::FfnGate,
+            "up_proj" => Self::FfnUp,
+            "down_proj" => Self::FfnDown,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// llama.cpp's "more bits" layers of its `_M` mixes: the first and last eighth and every
+/// third layer between.
+pub fn use_more_bits(i: usize, n: usize) -> bool {
+    let (i, n) = (i as i64, n as i64);
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8).rem_euclid(3) == 2
+}
+
+/// The GGUF file types `--format gguf:<type>` accepts (case-insensitive): the block types
+/// with a grid, llama-quantize's K-quant mixes, `iq4_nl`, and the two floats.
+pub const GGUF_FILES: [(&str, GgmlType, GgufMix); 20] = [
+    ("q4_0", GgmlType::Q4_0, GgufMix::Pure),
+    ("q4_1", GgmlType::Q4_1, GgufMix::Pure),
+    ("q5_0", GgmlType::Q5_0, GgufMix::Pure),
+    ("q5_1", GgmlType::Q5_1, GgufMix::Pure),
+    ("q8_0", GgmlType::Q8_0, GgufMix::Pure),
+    ("q2_k", GgmlType::Q2_K, GgufMix::Default),
+    ("q3_k", GgmlType::Q3_K, GgufMix::Pure),
+    ("q3_k_s", GgmlType::Q3_K, GgufMix::Small),
+    ("q3_k_m", GgmlType::Q3_K, GgufMix::Medium),
+    ("q3_k_l", GgmlType::Q3_K, GgufMix::Large),
+    ("q4_k", GgmlType::Q4_K, GgufMix::Pure),
+    ("q4_k_s", GgmlType::Q4_K, GgufMix::Small),
+    ("q4_k_m", GgmlType::Q4_K, GgufMix::Medium),
+    ("q5_k", GgmlType::Q5_K, GgufMix::Pure),
+    ("q5_k_s", GgmlType::Q5_K, GgufMix::Small),
+    ("q5_k_m", GgmlType::Q5_K, GgufMix::Medium),
+    ("q6_k", GgmlType::Q6_K, GgufMix::Default),
+    ("iq4_nl", GgmlType::IQ4_NL, GgufMix::Default),
+    ("f32", GgmlType::F32, GgufMix::Pure),
+    ("f16", GgmlType::F16, GgufMix::Pure),
 ];
+
+impl GgufFile {
+    /// The file type named `name` (`q4_k_m`, case-insensitive), not pure.
+    pub fn named(name: &str) -> Option<Self> {
+        GGUF_FILES
+            .iter()
+            .find(|(n, _, _)| n.eq_ignore_ascii_case(name))
+            .map(|&(_, ty, mix)| Self {
+                ty,
+                mix,
+                pure: false,
+            })
+    }
+
+    /// A pure file of `ty` (every block linear of that type).
+    pub fn pure_of(ty: GgmlType) -> Self {
+        Self {
+            ty,
+            mix: GgufMix::Pure,
+            pure: true,
+        }
+    }
+
+    /// The name, lower case (`q4_k_m`); the same with `pure` set.
+    pub fn name(&self) -> String {
+        let base = self.ty.name().to_ascii_lowercase();
+        match self.mix {
+            GgufMix::Pure | GgufMix::Default => base,
+            GgufMix::Small => format!("{base}_s"),
+            GgufMix::Medium => format!("{base}_m"),
+            GgufMix::Large => format!("{base}_l"),
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (`enum llama_ftype`): Q4_0 2, ..., Q2_K 10, Q3_K_S 11,
+    /// Q3_K_M 12, Q3_K_L 13, Q4_K_S 14, Q4_K_M 15, Q5_K_S 16, Q5_K_M 17, Q6_K 18, IQ4_NL 25
+    /// (our pure q3_k / q4_k / q5_k: the `_S` numbers).
+    pub fn file_type(&self) -> Option<u32> {
+        let base = quantlab_checkpoints::export::gguf::file_type_of(self.ty)?;
+        let step = match (self.ty, self.mix) {
+            (GgmlType::Q3_K, GgufMix::Medium) => 1,
+            (GgmlType::Q3_K, GgufMix::Large) => 2,
+            (GgmlType::Q4_K | GgmlType::Q5_K, GgufMix::Medium) => 1,
+            _ => 0,
+        };
+        Some(base + step)
+    }
+
+    /// The type llama.cpp's quantizer (llama-cpp-python 0.3.36, `llama_tensor_get_type_impl`,
+    /// dense models) gives the block linear at `site` in a file of this type, before the row
+    /// fallback ([`type_for_row`]):
+    ///
+    /// | file type | attn_v | ffn_down | attn_output |
+    /// |-----------|--------|----------|-------------|
+    /// | q2_k | Q4_K if n_gqa >= 4, else Q3_K | Q3_K | Q3_K |
+    /// | q3_k_m | Q5_K in layers 0-1, else Q4_K | Q5_K in the first 1/16, else Q4_K | Q4_K |
+    /// | q3_k_l | Q5_K | Q5_K | Q5_K |
+    /// | q4_k_s | Q5_K in layers 0-3 | Q5_K in the first 1/8 | - |
+    /// | q4_k_m, q5_k_m | Q6_K where [`use_more_bits`] | Q6_K where [`use_more_bits`] | - |
+    /// | iq4_nl | Q5_K if n_gqa >= 4 | Q5_K in the first 1/8 without an imatrix | - |
+    ///
+    /// Every other linear, and every linear of a pure file, keeps [`GgufFile::ty`].
+    ///
+    /// ```
+    /// use quantlab_pipeline::export::{GgufFile, LinearRole, TensorSite};
+    /// use quantlab_checkpoints::gguf::GgmlType;
+    /// let f = GgufFile::named("Q4_K_M").unwrap();
+    /// let site = |role, layer| TensorSite { role, layer, n_layer: 30, n_gqa: 3, has_imatrix: true };
+    /// assert_eq!(f.tensor_type(&site(LinearRole::FfnDown, 0)), GgmlType::Q6_K);
+    /// assert_eq!(f.tensor_type(&site(LinearRole::FfnDown, 4)), GgmlType::Q4_K);
+    /// assert_eq!(f.tensor_type(&site(LinearRole::FfnDown, 5)), GgmlType::Q6_K);
+    /// assert_eq!(f.tensor_type(&site(LinearRole::AttnQ, 0)), GgmlType::Q4_K);
+    /// ```
+    pub fn tensor_type(&self, s: &TensorSite) -> GgmlType {
+        use GgmlType as T;
+        use GgufMix as M;
+        use LinearRole as R;
+        let base = self.ty;
+        if self.pure || !base.is_quantized() {
+            return base;
+        }
+        let (i, n) = (s.layer, s.n_layer);
+        let more = use_more_bits(i, n);
+        match (s.role, base, self.mix) {
+            (R::AttnV, T::Q2_K, M::Default) => {
+                if s.n_gqa >= 4 {
+                    T::Q4_K
+                } else {
+                    T::Q3_K
+                }
+            }
+            (R::AttnV, T::Q3_K, M::Medium) => {
+                if i < 2 {
+                    T::Q5_K
+                } else {
+                    T::Q4_K
+                }
+            }
+            (R::AttnV, T::Q3_K, M::Large) => T::Q5_K,
+            (R::AttnV, T::IQ4_NL, M::Default) if s.n_gqa >= 4 => T::Q5_K,
+            (R::AttnV, T::Q4_K | T::Q5_K, M::Medium) if more => T::Q6_K,
+            (R::AttnV, T::Q4_K, M::Small) if i < 4 => T::Q5_K,
+            (R::FfnDown, T::Q2_K, M::Default) => T::Q3_K,
+            (R::FfnDown, T::Q3_K, M::Medium) => {
+                if i < n / 16 {
+                    T::Q5_K
+                } else {
+                    T::Q4_K
+                }
+            }
+            (R::FfnDown, T::Q3_K, M::Large) => T::Q5_K,
+            (R::FfnDown, T::Q4_K | T::Q5_K, M::Medium) if more => T::Q6_K,
+            (R::FfnDown, T::IQ4_NL, M::Default) if i < n / 8 && !s.has_imatrix => T::Q5_K,
+            (R::FfnDown, T::Q4_K, M::Small) if i < n / 8 => T::Q5_K,
+            (R::AttnOutput, T::Q2_K, M::Default) => T::Q3_K,
+            (R::AttnOutput, T::Q3_K, M::Medium) => T::Q4_K,
+            (R::AttnOutput, T::Q3_K, M::Large) => T::Q5_K,
+            _ => base,
+        }
+    }
+}
 
 impl serde::Serialize for ExportFormat {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -108,12 +331,13 @@ pub fn llama_cpp_embedding_type(base: GgmlType, nx: usize, output_role: bool) ->
 
 impl ExportFormat {
     /// Parses `quantlab`, `gptq`, `gptq_v2`, `awq`, `bnb-nf4`, `bnb-fp4`, `bnb-int8` or
-    /// `gguf:<type>`.
+    /// `gguf:<type>` with a type of [`GGUF_FILES`] (case-insensitive: `gguf:Q4_K_M`).
     ///
     /// ```
     /// use quantlab_pipeline::export::ExportFormat;
     /// use quantlab_checkpoints::gguf::GgmlType;
-    /// assert_eq!(ExportFormat::parse("gguf:q4_k").unwrap(), ExportFormat::Gguf(GgmlType::Q4_K));
+    /// assert_eq!(ExportFormat::parse("gguf:q4_k").unwrap().gguf_type(), Some(GgmlType::Q4_K));
+    /// assert_eq!(ExportFormat::parse("GGUF:Q4_K_M").unwrap().name(), "gguf:q4_k_m");
     /// assert_eq!(ExportFormat::parse("gptq_v2").unwrap().name(), "gptq_v2");
     /// assert!(ExportFormat::parse("gguf:q9_9").unwrap_err().to_string().contains("q4_0"));
     /// ```
@@ -132,22 +356,18 @@ impl ExportFormat {
         if let Some(f) = simple {
             return Ok(f);
         }
-        let types = GGUF_TYPES
+        let types = GGUF_FILES
             .iter()
-            .map(|t| t.name().to_ascii_lowercase())
+            .map(|(n, _, _)| *n)
             .collect::<Vec<_>>()
             .join(", ");
         if let Some(t) = l.strip_prefix("gguf:").or(l.strip_prefix("gguf-")) {
-            return GGUF_TYPES
-                .iter()
-                .find(|g| g.name().eq_ignore_ascii_case(t))
-                .map(|&g| Self::Gguf(g))
-                .ok_or_else(|| {
-                    PipelineError::option(
-                        "--format",
-                        format!("unknown GGUF type `{t}`; use gguf:<type> with one of {types}"),
-                    )
-                });
+            return GgufFile::named(t).map(Self::Gguf).ok_or_else(|| {
+                PipelineError::option(
+                    "--format",
+                    format!("unknown GGUF type `{t}`; use gguf:<type> with one of {types}"),
+                )
+            });
         }
         Err(PipelineError::option(
             "--format",
@@ -165,7 +385,7 @@ impl ExportFormat {
             Self::BnbNf4 => "bnb-nf4".into(),
             Self::BnbFp4 => "bnb-fp4".into(),
             Self::BnbInt8 => "bnb-int8".into(),
-            Self::Gguf(t) => format!("gguf:{}", t.name().to_ascii_lowercase()),
+            Self::Gguf(f) => format!("gguf:{}", f.name()),
         }
     }
 
@@ -174,11 +394,28 @@ impl ExportFormat {
         matches!(self, Self::Gguf(_))
     }
 
-    /// The GGUF type, for `gguf:<type>`.
+    /// The GGUF file's base type, for `gguf:<type>` (`gguf:q4_k_m`: Q4_K).
     pub fn gguf_type(&self) -> Option<GgmlType> {
+        self.gguf_file().map(|f| f.ty)
+    }
+
+    /// The GGUF file type, for `gguf:<type>`.
+    pub fn gguf_file(&self) -> Option<GgufFile> {
         match self {
-            Self::Gguf(t) => Some(*t),
+            Self::Gguf(f) => Some(*f),
             _ => None,
+        }
+    }
+
+    /// `--pure`: a GGUF format whose block linears all get the base type (llama-quantize's
+    /// `--pure`); other formats are refused.
+    pub fn pure(self) -> Result<Self> {
+        match self {
+            Self::Gguf(f) => Ok(Self::Gguf(GgufFile { pure: true, ..f })),
+            f => Err(PipelineError::option(
+                "--pure",
+                format!("chooses GGUF tensor types; --format {f} has none"),
+            )),
         }
     }
 
@@ -197,7 +434,7 @@ impl ExportFormat {
     /// by [`ExportFormat::fit_layer`]), or the codebook for GPTQ onto bitsandbytes.
     pub fn spec_override(&self, m: Method) -> Option<FormatSpec> {
         match self {
-            Self::Gguf(t) => grid_of(k_fallback(*t)).map(FormatSpec::Ggml),
+            Self::Gguf(f) => grid_of(k_fallback(f.ty)).map(FormatSpec::Ggml),
             Self::BnbNf4 if m == Method::Gptq => Some(FormatSpec::Nf4),
             Self::BnbFp4 if m == Method::Gptq => Some(FormatSpec::Fp4),
             _ => None,

@@ -275,10 +275,15 @@ fn gguf_k_types_fall_back_on_short_rows_and_write_k_blocks_on_whole_super_blocks
             cfg(Method::Gptq, "gguf:q6_k"),
         ),
         (
+            // --pure: llama.cpp's Q2_K mix would raise attn_v / attn_output / ffn_down to
+            // Q3_K (tests/gguf_mixes.rs)
             "gguf:q2_k",
             GgmlType::IQ4_NL,
             10,
-            cfg(Method::Gptq, "gguf:q2_k"),
+            QuantizeConfig {
+                format: ExportFormat::parse("gguf:q2_k").unwrap().pure().unwrap(),
+                ..cfg(Method::Gptq, "gguf:q2_k")
+            },
         ),
         (
             "gguf:q3_k",
@@ -650,4 +655,43 @@ fn truncated_files_and_wrong_dtypes_give_errors_naming_the_file_and_tensor() {
         .expect("wrong dtype accepted")
         .to_string();
     assert!(e.contains(target) && e.contains("F32"), "{e}");
+}
+
+#[test]
+fn gguf_q4_k_m_writes_llama_cpps_per_tensor_types_each_from_gptq_on_its_own_grid() {
+    let f = fixture("gguf-mix", 2);
+    let out = f.root.join("q4_k_m.gguf");
+    // case-insensitive, as llama-quantize's type names
+    let c = cfg(Method::Gptq, "gguf:Q4_K_M");
+    let r = run_ok(&job(&f, &f.model, &out, c.clone()));
+    // 2 blocks: use_more_bits(1, 2) raises block 1's attn_v (Q6_K, rows of 64 -> Q8_0) and
+    // ffn_down (Q6_K, rows of 256); everything else is Q4_K, on rows of 64 its fallback Q5_0
+    for (l, v, down) in [
+        (0, GgmlType::Q5_0, GgmlType::Q4_K),
+        (1, GgmlType::Q8_0, GgmlType::Q6_K),
+    ] {
+        assert_eq!(tensor_type(&out, &format!("blk.{l}.attn_v.weight")), v);
+        assert_eq!(tensor_type(&out, &format!("blk.{l}.ffn_down.weight")), down);
+        for t in ["attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"] {
+            assert_eq!(
+                tensor_type(&out, &format!("blk.{l}.{t}.weight")),
+                GgmlType::Q5_0,
+                "{t}"
+            );
+        }
+    }
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("llama.cpp's per-tensor rule for Q4_K_M")),
+        "{:?}",
+        r.notes
+    );
+    // each linear is the driver's GPTQ result on that linear's own grid, written as it is
+    assert_blocks_equal_driver(&f.model, &out, &c);
+    let back = ppl_of(&f, &out);
+    assert!(rel(back, r.ppl_after.unwrap()) < 0.05);
+    if let Some(fields) = check_with_gguf_package(&out) {
+        assert_eq!(fields["general.file_type"], 15u32);
+    }
 }

@@ -535,15 +535,16 @@ pub fn write_gguf(path: &Path, source_gguf: &Path, tensors: &[(String, GgufTenso
     write_gguf_typed(path, source_gguf, tensors, None)
 }
 
-/// [`write_gguf`] with `general.file_type` given as the type the file was asked for
-/// (`file_type_of(ty)`, e.g. Q4_K -> 14, Q4_K_S) rather than the most common type of the
+/// [`write_gguf`] with `general.file_type` (`enum llama_ftype`) given as the file type asked
+/// for (`file_type_of(ty)`, e.g. Q4_K -> 14, Q4_K_S; 15 for a Q4_K_M mix) rather than the
+/// most common type of the
 /// block weights (a Q4_K file of a model whose rows are mostly not multiples of 256 holds
 /// mostly the fallback type). `None`: the most common type.
 pub fn write_gguf_typed(
     path: &Path,
     source_gguf: &Path,
     tensors: &[(String, GgufTensor)],
-    file_type: Option<GgmlType>,
+    file_type: Option<u32>,
 ) -> Result<()> {
     let src = GgufFile::open(source_gguf)?;
     write_impl(
@@ -585,7 +586,7 @@ pub fn write_gguf_metadata_typed(
     path: &Path,
     metadata: &[(String, GgufValue)],
     tensors: &[(String, GgufTensor)],
-    file_type: Option<GgmlType>,
+    file_type: Option<u32>,
 ) -> Result<()> {
     write_impl(path, metadata, tensors, None, file_type, false)
 }
@@ -602,7 +603,7 @@ fn write_impl(
     metadata: &[(String, GgufValue)],
     tensors: &[(String, GgufTensor)],
     source: Option<(&Path, &GgufFile)>,
-    file_type: Option<GgmlType>,
+    file_type: Option<u32>,
     raw: bool,
 ) -> Result<()> {
     let arch = metadata
@@ -712,17 +713,22 @@ fn write_impl(
         })
         .map(|c| c.0);
     let any_quantized = entries.iter().any(|e| e.ty.is_quantized());
-    let main_ty = file_type.or(main_ty);
     let mut meta: Vec<(String, GgufValue)> = metadata
         .iter()
         .filter(|(k, _)| raw || !dropped_key(k))
         .cloned()
         .collect();
-    let quantized = main_ty.is_some_and(|t| t.is_quantized()) || any_quantized;
+    // F32 0, F16 1, BF16 32 are the float file types
+    let quantized = file_type.is_some_and(|f| !matches!(f, 0 | 1 | 32))
+        || main_ty.is_some_and(|t| t.is_quantized())
+        || any_quantized;
     if quantized && !raw {
         meta.push(("general.quantization_version".into(), GgufValue::U32(2)));
     }
-    if let Some(ft) = main_ty.and_then(file_type_of).filter(|_| !raw) {
+    if let Some(ft) = file_type
+        .or(main_ty.and_then(file_type_of))
+        .filter(|_| !raw)
+    {
         meta.push(("general.file_type".into(), GgufValue::U32(ft)));
     }
 
