@@ -186,6 +186,8 @@ fn sizes_and_type_ids_match_ggml() {
         (GgmlType::Q4_K, 12, 256, 144),
         (GgmlType::Q5_K, 13, 256, 176),
         (GgmlType::Q6_K, 14, 256, 210),
+        (GgmlType::IQ4_NL, 20, 32, 18),
+        (GgmlType::IQ4_XS, 23, 256, 136),
     ];
     for (ty, id, qk, size) in table {
         assert_eq!(
@@ -205,6 +207,7 @@ fn sizes_and_type_ids_match_ggml() {
     }
     assert_eq!(std::mem::size_of::<BlockQ4_K>(), 144);
     assert_eq!(std::mem::size_of::<BlockQ6_K>(), 210);
+    assert_eq!(std::mem::size_of::<BlockIQ4_XS>(), 136);
     // BF16 is a GGUF type, but not a block type: refused by name
     let bf16 = GgmlType::from_id(30).unwrap();
     assert!(!has_blocks(bf16));
@@ -403,7 +406,7 @@ proptest! {
 
     /// Any bytes are some block: reading then writing gives the same bytes.
     #[test]
-    fn bytes_round_trip(ty_i in 0usize..11, n in 1usize..4, seed in any::<u64>()) {
+    fn bytes_round_trip(ty_i in 0usize..12, n in 1usize..4, seed in any::<u64>()) {
         let ty = BLOCK_TYPES[ty_i];
         let mut rng = StdRng::seed_from_u64(seed);
         let bytes: Vec<u8> = (0..n * ty.type_size() as usize).map(|_| rng.random()).collect();
@@ -424,6 +427,7 @@ proptest! {
             GgmlType::Q5_K => check!(BlockQ5_K),
             GgmlType::Q6_K => check!(BlockQ6_K),
             GgmlType::IQ4_NL => check!(BlockIQ4_NL),
+            GgmlType::IQ4_XS => check!(BlockIQ4_XS),
             other => unreachable!("{other:?} is not in BLOCK_TYPES"),
         }
     }

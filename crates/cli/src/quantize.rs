@@ -150,7 +150,7 @@ pub struct QuantizeArgs {
     /// (bitsandbytes Linear4bit; --method nf4/fp4, or gptq for GPTQ on the codebook),
     /// `bnb-int8` (LLM.int8; --method int8), or `gguf:<type>` (case-insensitive) with type
     /// q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q3_k_s, q3_k_m, q3_k_l, q4_k, q4_k_s,
-    /// q4_k_m, q5_k, q5_k_s, q5_k_m, q6_k, iq4_nl, f32, f16 (one .gguf file for llama.cpp;
+    /// q4_k_m, q5_k, q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs, f32, f16 (one .gguf file for llama.cpp;
     /// the _S/_M/_L mixes and q2_k give attn_v, ffn_down and attn_output llama-quantize's
     /// per-layer types, q3_k / q4_k / q5_k are pure; --method gptq quantizes every linear on
     /// its own ggml grid, K types on their 256-weight super-blocks, --method rtn with --calib

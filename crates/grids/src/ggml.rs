@@ -1,6 +1,7 @@
 //! ggml's block formats as number formats: the legacy 32-weight blocks Q4_0, Q4_1, Q5_0,
-//! Q5_1 and Q8_0 (this module), and the K super-blocks Q2_K .. Q6_K ([`crate::ggml_k`]: each
-//! sub-block is a group, a super-block of 256 is fitted at once, [`Format::fit_span`]).
+//! Q5_1, Q8_0 and IQ4_NL (this module), and the super-blocks of 256 weights, the K-quants
+//! Q2_K .. Q6_K and IQ4_XS ([`crate::ggml_k`]: each sub-block is a group, a super-block of
+//! 256 is fitted at once, [`Format::fit_span`]).
 //!
 //! Each 32-weight block of a row is one group (`Granularity::Group(32)`); its parameters are
 //! the block's f16 scale `d` (and, for the `_1` types, the f16 minimum `m`), so the codes and
@@ -37,7 +38,9 @@
 //!
 //! IQ4_NL (ggml type 20, llama.cpp's fallback for Q2_K / Q3_K rows that are not whole
 //! super-blocks) has its own scale search (`iq4nl_fit`, documented there): our own, not
-//! llama.cpp's; the layout and levels are exact.
+//! llama.cpp's; the layout and levels are exact. IQ4_XS (type 23) uses the same 16 levels
+//! in super-blocks of 256 with a 6-bit signed scale per sub-block of 32
+//! ([`crate::ggml_k`]); its sub-block scales come from the same search.
 //!
 //! # Weighted fit (imatrix)
 //! [`Format::fit_weighted`] with importance `w_i >= 0` minimises
@@ -96,6 +99,9 @@ pub enum GgmlGrid {
     /// 32-weight block, f16 `d` times one of 16 fixed non-uniform int8 levels
     /// ([`IQ4_NL_LEVELS`]): `d * levels[q]`.
     IQ4_NL,
+    /// Super-block of 256 with the IQ4_NL levels in sub-blocks of 32, each scaled by a signed
+    /// 6-bit integer times one f16 `d`: `d * sc * levels[q]` ([`crate::ggml_k`]).
+    IQ4_XS,
 }
 
 /// The 16 levels of ggml's IQ4_NL (`kvalues_iq4nl`, as the `gguf` package's dequantizer
@@ -120,16 +126,21 @@ impl GgmlGrid {
         GgmlGrid::Q8_0,
     ];
 
-    /// The K super-block grids.
-    pub const K: [GgmlGrid; 5] = [
+    /// The super-block grids: the K-quants and IQ4_XS, whose 256-weight super-blocks hold
+    /// sub-block scales as integer multiples of one f16 `d` ([`crate::ggml_k`]). They are
+    /// fitted a super-block at a time ([`Format::fit_span`]) and the solvers and the
+    /// pipeline treat them alike (GPTQ in natural column order with each super-block fitted
+    /// as the sweep reaches it, Hessian shrink 0.9).
+    pub const K: [GgmlGrid; 6] = [
         GgmlGrid::Q2_K,
         GgmlGrid::Q3_K,
         GgmlGrid::Q4_K,
         GgmlGrid::Q5_K,
         GgmlGrid::Q6_K,
+        GgmlGrid::IQ4_XS,
     ];
 
-    /// Whether this is a K super-block grid.
+    /// Whether this is a super-block grid (one of [`GgmlGrid::K`]: a K-quant or IQ4_XS).
     pub fn is_k(self) -> bool {
         crate::ggml_k::layout(self).is_some()
     }
@@ -167,6 +178,7 @@ impl GgmlGrid {
             GgmlGrid::Q5_K => "Q5_K",
             GgmlGrid::Q6_K => "Q6_K",
             GgmlGrid::IQ4_NL => "IQ4_NL",
+            GgmlGrid::IQ4_XS => "IQ4_XS",
         }
     }
 
@@ -380,7 +392,7 @@ const IQ4_NL_MID: [f32; 15] = {
 /// The code of the IQ4_NL level `d * level` nearest to `x` (exact in f32; ties: the lower
 /// code); code 8 (level 1, the one nearest 0) when `d` is 0 or not finite.
 #[inline]
-fn iq4nl_encode(x: f32, d: f32) -> u8 {
+pub(crate) fn iq4nl_encode(x: f32, d: f32) -> u8 {
     if d == 0.0 || !d.is_finite() {
         return 8;
     }
@@ -405,7 +417,7 @@ fn iq4nl_encode(x: f32, d: f32) -> u8 {
 
 /// `sum_i w_i (x_i - d levels[encode(x_i)])^2` in f64, and `sum w x l`, `sum w l^2` of the
 /// chosen levels (for the least-squares refit).
-fn iq4nl_score(x: &[f32], w: Option<&[f32]>, d: f32) -> (f64, f64, f64) {
+pub(crate) fn iq4nl_score(x: &[f32], w: Option<&[f32]>, d: f32) -> (f64, f64, f64) {
     let (mut e, mut sxl, mut sll) = (0.0f64, 0.0f64, 0.0f64);
     for (i, &v) in x.iter().enumerate() {
         let l = IQ4_NL_LEVELS[iq4nl_encode(v, d) as usize] as f64;
@@ -424,13 +436,22 @@ fn iq4nl_score(x: &[f32], w: Option<&[f32]>, d: f32) -> (f64, f64, f64) {
 /// refit `sum w x l / sum w l^2` of each candidate's levels; the least error wins (the
 /// first on ties, the plain `max / -127` first of all).
 fn iq4nl_fit(x: &[f32], w: Option<&[f32]>) -> GroupParams {
+    GroupParams::scale_only(iq4nl_scale(x, w, f16r))
+}
+
+/// The scale search of [`iq4nl_fit`] with each candidate passed through `round` before it
+/// is scored (f16 rounding for IQ4_NL's stored `d`; the identity for the real sub-block
+/// scales of IQ4_XS, which are rounded afterwards to integer multiples of the super-block
+/// `d`, [`crate::ggml_k`]). Signed: the sign says whether `max` sits at the level -127 or
+/// +113 end. 0 for an all-zero `x`.
+pub(crate) fn iq4nl_scale(x: &[f32], w: Option<&[f32]>, round: impl Fn(f32) -> f32) -> f32 {
     let (max, amax) = signed_absmax(x);
     if amax == 0.0 {
-        return GroupParams::scale_only(0.0);
+        return 0.0;
     }
     let mut best: Option<(f64, f32)> = None;
     let consider = |d: f32, best: &mut Option<(f64, f32)>| -> (f64, f64) {
-        let d = f16r(d);
+        let d = round(d);
         if d == 0.0 || !d.is_finite() {
             return (0.0, 0.0);
         }
@@ -449,7 +470,7 @@ fn iq4nl_fit(x: &[f32], w: Option<&[f32]>) -> GroupParams {
             }
         }
     }
-    GroupParams::scale_only(best.map_or(0.0, |b| b.1))
+    best.map_or(0.0, |b| b.1)
 }
 
 impl Format for GgmlGrid {

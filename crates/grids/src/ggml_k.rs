@@ -1,11 +1,11 @@
-//! ggml's K-quant super-blocks Q2_K, Q3_K, Q4_K, Q5_K and Q6_K as number formats
-//! ([`GgmlGrid::Q4_K`], ...).
+//! ggml's super-blocks as number formats: the K-quants Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, and
+//! IQ4_XS ([`GgmlGrid::Q4_K`], ..., [`GgmlGrid::IQ4_XS`]; together [`GgmlGrid::K`]).
 //!
-//! A K block holds 256 weights of a row: sub-blocks of 32 (Q4_K, Q5_K) or 16 (Q2_K, Q3_K,
-//! Q6_K) weights, each with a small integer scale (and, for the affine types, a min), and one
-//! f16 `d` (and `dmin`) that scales those integers. Each sub-block is one parameter group
-//! (`Granularity::Group(16 or 32)`); its [`GroupParams`] hold the values ggml computes in
-//! f32 when it decodes:
+//! A K block holds 256 weights of a row: sub-blocks of 32 (Q4_K, Q5_K, IQ4_XS) or 16 (Q2_K,
+//! Q3_K, Q6_K) weights, each with a small integer scale (and, for the affine types, a min),
+//! and one f16 `d` (and `dmin`) that scales those integers. Each sub-block is one parameter
+//! group (`Granularity::Group(16 or 32)`); its [`GroupParams`] hold the values ggml computes
+//! in f32 when it decodes:
 //!
 //! | type | codes | `scale` | `zero` | decode |
 //! |------|-------|---------|--------|--------|
@@ -14,6 +14,13 @@
 //! | Q5_K | 0..=31 | `d * sc` (6-bit) | `dmin * m` (6-bit) | `scale * q - zero` |
 //! | Q3_K | 0..=7 | `d * sc` (sc in -32..=31) | 4 | `scale * (q - 4)` |
 //! | Q6_K | 0..=63 | `d * sc` (sc an i8) | 32 | `scale * (q - 32)` |
+//! | IQ4_XS | 0..=15 | `d * sc` (sc in -32..=31) | 0 | `scale * IQ4_NL_LEVELS[q]` |
+//!
+//! IQ4_XS (ggml type 23, 136 bytes per 256 weights, 4.25 bits per weight) is symmetric with
+//! a non-uniform codebook: the 16 int8 levels of IQ4_NL ([`crate::ggml::IQ4_NL_LEVELS`],
+//! ggml's `kvalues_iq4nl`) under a signed 6-bit scale per sub-block of 32 (the file stores
+//! `ls = sc + 32` in 0..=63) and one f16 `d`; ggml decodes `dl = d * (ls - 32)`, then
+//! `dl * kvalues_iq4nl[q]`.
 //!
 //! The products are exact in f32 (an f16 times an integer of at most 8 bits), so the values
 //! decode bit for bit as ggml's dequantizers (and the `gguf` package) decode the block. The
@@ -28,7 +35,19 @@
 //! codes, the least `sum_i w_i (x_i - y_i)^2` kept), then `d = max scale / top` (and
 //! `dmin = max min / top`) is rounded to f16 (`top` = 63 for the 6-bit scales of Q4_K / Q5_K,
 //! 15 for Q2_K, 31 for Q3_K, 127 for Q6_K) and each sub-block's scale (and min) is rounded to
-//! the nearest integer multiple of it. With an importance vector the same searches are
+//! the nearest integer multiple of it.
+//!
+//! IQ4_XS: each sub-block gets a real signed scale from IQ4_NL's level search (the
+//! candidates of [`GgmlGrid::IQ4_NL`]'s fit, not rounded to f16: `max / -127` and
+//! `max / 113` scaled within 12.5 %, and the weighted least-squares refit of each
+//! candidate's levels); then, as ggml does, `d = -s / 32` with `s` the signed sub-block
+//! scale of largest `|s|` (so that one sits at the integer -32, the end of the signed 6-bit
+//! range with the most room), rounded to f16; and each sub-block's integer is the best of
+//! `round(s / d)` (clamped to -32..=31) and its two neighbours under that sub-block's
+//! weighted error, every weight at its nearest level (with a non-uniform codebook the
+//! nearest multiple is not always the best one).
+//!
+//! With an importance vector the same searches are
 //! weighted and the result is compared with the unweighted fit under the weighted error of
 //! the block as encoded; the better one is kept (so the weighted fit is never worse under
 //! that objective). This is the reference quantizer of the GGUF K blocks
@@ -57,7 +76,7 @@ use half::f16;
 /// Weights per K super-block.
 pub const QK_K: usize = 256;
 
-/// The layout facts of one K type.
+/// The layout facts of one super-block type.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct KLayout {
     /// Weights per sub-block (one parameter group).
@@ -68,7 +87,8 @@ pub(crate) struct KLayout {
     pub nmax: i32,
     /// Symmetric types: code = signed value + offset (Q3_K 4, Q6_K 32); 0 for the affine.
     pub offset: i32,
-    /// `d = max |sub-block scale| / top` (and `dmin` likewise).
+    /// `d = max |sub-block scale| / top` (and `dmin` likewise); with a codebook,
+    /// `d = -s / top` for the signed sub-block scale `s` of largest `|s|`.
     pub top: f32,
     /// Range of the stored sub-block scale integers (and mins for the affine types).
     pub sc_lo: i32,
@@ -77,6 +97,9 @@ pub(crate) struct KLayout {
     pub code_bits: u32,
     /// Bits per sub-block: its scale (and min) plus its share of the f16 `d` (and `dmin`).
     pub param_bits: f64,
+    /// Non-uniform levels in code order: decode `scale * levels[q]` (IQ4_XS); `None` for the
+    /// uniform K-quants.
+    pub codebook: Option<&'static [i8; 16]>,
 }
 
 /// The layout of a K grid (`None` for the other grids).
@@ -92,6 +115,7 @@ pub(crate) fn layout(g: GgmlGrid) -> Option<KLayout> {
             sc_hi: 15,
             code_bits: 2,
             param_bits: 8.0 + 32.0 / 16.0,
+            codebook: None,
         },
         GgmlGrid::Q3_K => KLayout {
             sub: 16,
@@ -104,6 +128,7 @@ pub(crate) fn layout(g: GgmlGrid) -> Option<KLayout> {
             code_bits: 3,
             // 6-bit scale, plus the f16 d shared by 16 sub-blocks: 16 / 16 bits
             param_bits: 6.0 + 1.0,
+            codebook: None,
         },
         GgmlGrid::Q4_K => KLayout {
             sub: 32,
@@ -115,6 +140,7 @@ pub(crate) fn layout(g: GgmlGrid) -> Option<KLayout> {
             sc_hi: 63,
             code_bits: 4,
             param_bits: 12.0 + 32.0 / 8.0,
+            codebook: None,
         },
         GgmlGrid::Q5_K => KLayout {
             sub: 32,
@@ -126,6 +152,7 @@ pub(crate) fn layout(g: GgmlGrid) -> Option<KLayout> {
             sc_hi: 63,
             code_bits: 5,
             param_bits: 12.0 + 32.0 / 8.0,
+            codebook: None,
         },
         GgmlGrid::Q6_K => KLayout {
             sub: 16,
@@ -138,6 +165,21 @@ pub(crate) fn layout(g: GgmlGrid) -> Option<KLayout> {
             code_bits: 6,
             // i8 scale, plus the f16 d shared by 16 sub-blocks: 16 / 16 bits
             param_bits: 8.0 + 1.0,
+            codebook: None,
+        },
+        GgmlGrid::IQ4_XS => KLayout {
+            sub: 32,
+            affine: false,
+            nmax: 15,
+            offset: 0,
+            top: 32.0,
+            sc_lo: -32,
+            sc_hi: 31,
+            code_bits: 4,
+            // 6-bit scale (4 bits in scales_l, 2 in scales_h), plus the f16 d shared by 8
+            // sub-blocks: 16 / 8 bits; 4 + 8 / 32 = 4.25 bits per weight (136 bytes / 256)
+            param_bits: 6.0 + 2.0,
+            codebook: Some(&crate::ggml::IQ4_NL_LEVELS),
         },
         _ => return None,
     })
@@ -145,7 +187,7 @@ pub(crate) fn layout(g: GgmlGrid) -> Option<KLayout> {
 
 #[track_caller]
 fn layout_of(g: GgmlGrid) -> KLayout {
-    layout(g).unwrap_or_else(|| panic!("{g:?} is not a K type"))
+    layout(g).unwrap_or_else(|| panic!("{g:?} is not a super-block (K) type"))
 }
 
 /// The stored parameters of one K super-block: f16 `d` and `dmin` (as f32) and the integer
@@ -156,8 +198,8 @@ pub struct KSuperParams {
     pub d: f32,
     /// The f16 scale of the sub-block mins (0 for Q3_K / Q6_K).
     pub dmin: f32,
-    /// Sub-block scales: unsigned (Q2_K 0..=15, Q4_K / Q5_K 0..=63) or signed (Q3_K
-    /// -32..=31, Q6_K -128..=127).
+    /// Sub-block scales: unsigned (Q2_K 0..=15, Q4_K / Q5_K 0..=63) or signed (Q3_K and
+    /// IQ4_XS -32..=31, Q6_K -128..=127).
     pub sc: Vec<i32>,
     /// Sub-block mins (affine types; zeros otherwise).
     pub m: Vec<i32>,
@@ -183,9 +225,11 @@ impl KSuperParams {
     /// Recover stored parameters from the [`GroupParams`] of the sub-blocks of one
     /// super-block: an f16 `d` and integers `sc` in the type's range with `d * sc[s]` equal
     /// to every `scale` bit for bit (and likewise `dmin`, `m` for the zeros of the affine
-    /// types; the symmetric types need `zero` = their offset). Every product a fit makes has
-    /// such a factorization; when several exist they decode identically. `None` when there
-    /// is none (parameters not fitted on this grid's super-blocks).
+    /// types; the symmetric types need `zero` = their offset, 0 for IQ4_XS). `d` is positive
+    /// when a positive one exists, else negative (IQ4_XS's fit puts its largest sub-block
+    /// scale at -32, with a negative `d` when that scale is positive). Every product a fit
+    /// makes has such a factorization; when several exist they decode identically. `None`
+    /// when there is none (parameters not fitted on this grid's super-blocks).
     pub fn factor(grid: GgmlGrid, p: &[GroupParams]) -> Option<Self> {
         let l = layout(grid)?;
         let scales: Vec<f32> = p.iter().map(|g| g.scale).collect();
@@ -208,7 +252,9 @@ fn f16r(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
-/// `(d, k)` with `d` an f16 value and `d * k[i] == v[i]` exactly, `k[i]` in `lo..=hi`.
+/// `(d, k)` with `d` an f16 value and `d * k[i] == v[i]` exactly, `k[i]` in `lo..=hi`: the
+/// largest `|k|` that works for the entry of largest `|v|`, a positive `d` tried first, then
+/// a negative one.
 fn factor_ints(v: &[f32], lo: i32, hi: i32) -> Option<(f32, Vec<i32>)> {
     if v.iter().any(|x| !x.is_finite()) {
         return None;
@@ -224,25 +270,29 @@ fn factor_ints(v: &[f32], lo: i32, hi: i32) -> Option<(f32, Vec<i32>)> {
         return Some((0.0, vec![0; v.len()]));
     }
     let kmax = lo.unsigned_abs().max(hi.unsigned_abs()) as i32;
-    for s in (1..=kmax).rev() {
-        let d = amax / s as f32;
-        if f16r(d) != d || d == 0.0 {
-            continue;
-        }
-        let sign = if v[at] < 0.0 { -1 } else { 1 };
-        if !(lo..=hi).contains(&(sign * s)) {
-            continue;
-        }
-        let mut k = Vec::with_capacity(v.len());
-        let ok = v.iter().all(|&x| {
-            let q = (x / d).round();
-            let qi = q as i32;
-            let fits = (lo..=hi).contains(&qi) && d * qi as f32 == x;
-            k.push(qi);
-            fits
-        });
-        if ok {
-            return Some((d, k));
+    for negative in [false, true] {
+        for s in (1..=kmax).rev() {
+            let d = amax / s as f32;
+            if f16r(d) != d || d == 0.0 {
+                continue;
+            }
+            let d = if negative { -d } else { d };
+            // the integer of the largest |v| has v's sign times d's
+            let sign = if (v[at] < 0.0) != negative { -1 } else { 1 };
+            if !(lo..=hi).contains(&(sign * s)) {
+                continue;
+            }
+            let mut k = Vec::with_capacity(v.len());
+            let ok = v.iter().all(|&x| {
+                let q = (x / d).round();
+                let qi = q as i32;
+                let fits = (lo..=hi).contains(&qi) && d * qi as f32 == x;
+                k.push(qi);
+                fits
+            });
+            if ok {
+                return Some((d, k));
+            }
         }
     }
     None
@@ -396,6 +446,9 @@ pub fn fit_affine(x: &[f32], w: Option<&[f32]>, nmax: u32, offset_le_zero: bool)
 fn fit_superblock_once(l: KLayout, x: &[f32], w: Option<&[f32]>) -> KSuperParams {
     let ns = x.len() / l.sub;
     let sub = |s: usize| s * l.sub..(s + 1) * l.sub;
+    if let Some(levels) = l.codebook {
+        return fit_codebook_superblock(l, levels, x, w);
+    }
     if l.affine {
         let mut scale = vec![0.0f32; ns];
         let mut min = vec![0.0f32; ns];
@@ -427,6 +480,61 @@ fn fit_superblock_once(l: KLayout, x: &[f32], w: Option<&[f32]>) -> KSuperParams
                 .collect(),
             m: vec![0; ns],
         }
+    }
+}
+
+/// [`fit_superblock_once`] for a codebook type (IQ4_XS; see the module docs): real signed
+/// sub-block scales from IQ4_NL's level search, `d = -s / top` for the one of largest `|s|`
+/// (rounded to f16), and per sub-block the best integer of `round(s / d)` and its
+/// neighbours.
+fn fit_codebook_superblock(
+    l: KLayout,
+    levels: &[i8; 16],
+    x: &[f32],
+    w: Option<&[f32]>,
+) -> KSuperParams {
+    debug_assert_eq!(levels, &crate::ggml::IQ4_NL_LEVELS, "IQ4_NL's levels");
+    let ns = x.len() / l.sub;
+    let sub = |s: usize| s * l.sub..(s + 1) * l.sub;
+    // the real (unrounded) scale of each sub-block: x ~ scale * levels[q]
+    let scale: Vec<f32> = (0..ns)
+        .map(|s| crate::ggml::iq4nl_scale(&x[sub(s)], w.map(|w| &w[sub(s)]), |v| v))
+        .collect();
+    let (mut smax, mut amax) = (0.0f32, 0.0f32);
+    for &v in &scale {
+        if v.abs() > amax {
+            amax = v.abs();
+            smax = v;
+        }
+    }
+    let d = f16r(smax / -l.top);
+    let (lo, hi) = (l.sc_lo as f32, l.sc_hi as f32);
+    let sc = (0..ns)
+        .map(|s| {
+            if d == 0.0 || !d.is_finite() {
+                return 0;
+            }
+            let (xs, ws) = (&x[sub(s)], w.map(|w| &w[sub(s)]));
+            let k0 = nearest(scale[s], d, lo, hi);
+            // the sub-block's weighted error with integer k (every weight its nearest level)
+            let err = |k: i32| crate::ggml::iq4nl_score(xs, ws, d * k as f32).0;
+            let mut best = (err(k0), k0);
+            for k in [k0 - 1, k0 + 1] {
+                if (l.sc_lo..=l.sc_hi).contains(&k) {
+                    let e = err(k);
+                    if e < best.0 {
+                        best = (e, k);
+                    }
+                }
+            }
+            best.1
+        })
+        .collect();
+    KSuperParams {
+        d: if d.is_finite() { d } else { 0.0 },
+        dmin: 0.0,
+        sc,
+        m: vec![0; ns],
     }
 }
 
@@ -543,10 +651,14 @@ pub(crate) fn fit_alone(g: GgmlGrid, x: &[f32], w: Option<&[f32]>) -> GroupParam
     sp.group_params(g, 0)
 }
 
-/// Encode under the stored products: nearest level in f32.
+/// Encode under the stored products: nearest level in f32 (codebook types: IQ4_NL's encode,
+/// ties to the lower code, code 8 for a zero scale).
 #[inline]
 pub(crate) fn encode(g: GgmlGrid, x: f32, p: GroupParams) -> u8 {
     let l = layout_of(g);
+    if l.codebook.is_some() {
+        return crate::ggml::iq4nl_encode(x, p.scale);
+    }
     let a = p.scale;
     let (lo, hi) = if l.affine {
         (0, l.nmax)
@@ -580,7 +692,9 @@ pub(crate) fn encode(g: GgmlGrid, x: f32, p: GroupParams) -> u8 {
 #[inline]
 pub(crate) fn decode(g: GgmlGrid, code: u8, p: GroupParams) -> f32 {
     let l = layout_of(g);
-    if l.affine {
+    if let Some(levels) = l.codebook {
+        p.scale * levels[code as usize & 15] as f32
+    } else if l.affine {
         p.scale * code as f32 - p.zero
     } else {
         p.scale * (code as i32 - l.offset) as f32

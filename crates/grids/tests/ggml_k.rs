@@ -1,4 +1,4 @@
-//! ggml K super-block grids (Q2_K .. Q6_K): encode against brute force over every level of
+//! ggml K super-block grids (Q2_K .. Q6_K, IQ4_XS): encode against brute force over every level of
 //! the sub-block, the fitted parameters against the layout facts of formats.md (one f16 `d`
 //! times small integers per super-block), bits per weight against ggml's block sizes, the
 //! importance-weighted fit never worse than the plain one, and the shape errors.
@@ -19,6 +19,7 @@ fn type_size(g: GgmlGrid) -> usize {
         GgmlGrid::Q4_K => 144,
         GgmlGrid::Q5_K => 176,
         GgmlGrid::Q6_K => 210,
+        GgmlGrid::IQ4_XS => 136,
         _ => unreachable!(),
     }
 }
@@ -31,6 +32,7 @@ fn facts(g: GgmlGrid) -> (usize, u32, i32, i32) {
         GgmlGrid::Q4_K => (32, 4, 0, 63),
         GgmlGrid::Q5_K => (32, 5, 0, 63),
         GgmlGrid::Q6_K => (16, 6, -128, 127),
+        GgmlGrid::IQ4_XS => (32, 4, -32, 31),
         _ => unreachable!(),
     }
 }

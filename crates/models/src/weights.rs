@@ -1,4 +1,5 @@
-//! Where the weights come from: GGUF files (any ggml type candle dequantizes, plus IQ4_NL) and
+//! Where the weights come from: GGUF files (any ggml type candle dequantizes, plus IQ4_NL and
+//! IQ4_XS, decoded here) and
 //! safetensors files (single or sharded), both memory-mapped and read tensor by tensor,
 //! always handed out as f32 tensors under Hugging Face names and in Hugging Face layout.
 //!
@@ -58,15 +59,101 @@ pub struct GgufWeights {
     unpermute: bool,
     n_head: usize,
     n_kv_head: usize,
-    /// Tensors stored as IQ4_NL (ggml type 20), which candle 0.11 does not know: their type
-    /// is read as Q4_0 (same 18-byte blocks of 32) and they are dequantized here.
-    iq4_nl: std::collections::HashSet<String>,
+    /// Tensors of a type candle 0.11 does not know (IQ4_NL, IQ4_XS), by GGUF name: candle
+    /// reads the header with a stand-in type of the same block length ([`OwnType`]) and the
+    /// bytes are dequantized here.
+    own: HashMap<String, OwnType>,
 }
 
 /// The 16 levels of ggml's IQ4_NL (`kvalues_iq4nl`, as the `gguf` package lists them).
 const IQ4_NL_LEVELS: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
+
+/// A ggml type candle 0.11 cannot read, dequantized by this module instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OwnType {
+    /// IQ4_NL (type 20): `{f16 d; u8 qs[16]}` per 32 weights, `d * kvalues[q]`, nibbles as
+    /// Q4_0 (`qs[j]` holds weight `j` low and `j + 16` high).
+    Iq4Nl,
+    /// IQ4_XS (type 23): `{f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]}` per 256
+    /// weights in 8 sub-blocks of 32. Sub-block `ib` has the 6-bit
+    /// `ls = (scales_l[ib / 2] >> 4 (ib % 2)) & 0xF | ((scales_h >> 2 ib) & 3) << 4`,
+    /// `dl = d * (ls - 32)`, and its weights `j`, `j + 16` are `dl * kvalues[q]` for the low
+    /// and high nibbles of `qs[16 ib + j]`, `j` in 0..16.
+    Iq4Xs,
+}
+
+impl OwnType {
+    fn from_id(id: u32) -> Option<Self> {
+        match id {
+            20 => Some(Self::Iq4Nl),
+            23 => Some(Self::Iq4Xs),
+            _ => None,
+        }
+    }
+
+    /// The type id candle is given instead: Q4_0 (blocks of 32) for IQ4_NL, Q4_K (blocks of
+    /// 256) for IQ4_XS, so that its shape checks see the same block length.
+    fn stand_in(self) -> u32 {
+        match self {
+            Self::Iq4Nl => 2,
+            Self::Iq4Xs => 12,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Iq4Nl => "IQ4_NL",
+            Self::Iq4Xs => "IQ4_XS",
+        }
+    }
+
+    /// Weights per block.
+    fn block_size(self) -> usize {
+        match self {
+            Self::Iq4Nl => 32,
+            Self::Iq4Xs => 256,
+        }
+    }
+
+    /// Bytes per block.
+    fn type_size(self) -> usize {
+        match self {
+            Self::Iq4Nl => 18,
+            Self::Iq4Xs => 136,
+        }
+    }
+
+    /// ggml's f32 expressions, in ggml's order, for whole blocks of `raw`.
+    fn dequantize(self, raw: &[u8], out: &mut Vec<f32>) {
+        let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        // 32 weights of 16 bytes of nibbles: weight j low, weight j + 16 high
+        let nibbles = |qs: &[u8], dl: f32, out: &mut Vec<f32>| {
+            out.extend((0..32).map(|j| {
+                let q = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+                dl * IQ4_NL_LEVELS[q as usize] as f32
+            }));
+        };
+        for blk in raw.chunks_exact(self.type_size()) {
+            match self {
+                Self::Iq4Nl => nibbles(&blk[2..], f16_at(blk, 0), out),
+                Self::Iq4Xs => {
+                    let d = f16_at(blk, 0);
+                    let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+                    let (scales_l, qs) = (&blk[4..8], &blk[8..]);
+                    for ib in 0..8 {
+                        let lo = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+                        let hi = ((scales_h >> (2 * ib)) & 3) as u8;
+                        let ls = (lo | (hi << 4)) as i32;
+                        let dl = d * (ls - 32) as f32;
+                        nibbles(&qs[16 * ib..16 * ib + 16], dl, out);
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// A bounds-checked little-endian reader over a GGUF header (every read `None` past the end).
 struct R<'a> {
@@ -139,10 +226,11 @@ fn header_alignment(b: &[u8]) -> Option<u64> {
     None
 }
 
-/// The GGUF header (up to the end of the tensor infos) with every IQ4_NL tensor type (20)
-/// rewritten as Q4_0 (2), and the names of those tensors; `None` when the file has no IQ4_NL
-/// tensor or the header does not parse (candle then reports the problem).
-fn header_without_iq4_nl(b: &[u8]) -> Option<(Vec<u8>, std::collections::HashSet<String>)> {
+/// The GGUF header (up to the end of the tensor infos) with the type of every tensor candle
+/// cannot read ([`OwnType`]: IQ4_NL, IQ4_XS) rewritten as its stand-in, and those tensors'
+/// names and real types; `None` when the file has no such tensor or the header does not
+/// parse (candle then reports the problem).
+fn header_with_stand_ins(b: &[u8]) -> Option<(Vec<u8>, HashMap<String, OwnType>)> {
     let mut r = R { b, at: 0 };
     if r.take(4)? != b"GGUF" || !matches!(r.u32()?, 2 | 3) {
         return None;
@@ -154,15 +242,15 @@ fn header_without_iq4_nl(b: &[u8]) -> Option<(Vec<u8>, std::collections::HashSet
         r.value(ty, 0)?;
     }
     let mut patches = Vec::new();
-    let mut names = std::collections::HashSet::new();
+    let mut names = HashMap::new();
     for _ in 0..nt {
         let name = r.string()?;
         let nd = r.u32()? as usize;
         r.take(nd.checked_mul(8)?)?;
         let at = r.at;
-        if r.u32()? == 20 {
-            patches.push(at);
-            names.insert(name);
+        if let Some(own) = OwnType::from_id(r.u32()?) {
+            patches.push((at, own));
+            names.insert(name, own);
         }
         r.u64()?;
     }
@@ -170,8 +258,8 @@ fn header_without_iq4_nl(b: &[u8]) -> Option<(Vec<u8>, std::collections::HashSet
         return None;
     }
     let mut h = b[..r.at].to_vec();
-    for at in patches {
-        h[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
+    for (at, own) in patches {
+        h[at..at + 4].copy_from_slice(&own.stand_in().to_le_bytes());
     }
     Some((h, names))
 }
@@ -235,7 +323,7 @@ impl GgufWeights {
         }
         // other hostile headers may still make candle's reader panic (docs/fuzzing.md):
         // contain that as an error.
-        let (patched, iq4_nl) = match header_without_iq4_nl(&mmap) {
+        let (patched, own) = match header_with_stand_ins(&mmap) {
             Some((h, names)) => (Some(h), names),
             None => (None, Default::default()),
         };
@@ -280,7 +368,7 @@ impl GgufWeights {
             names,
             n_head,
             n_kv_head,
-            iq4_nl,
+            own,
         })
     }
 
@@ -303,8 +391,8 @@ impl GgufWeights {
         Ok(cfg)
     }
 
-    /// The ggml type a tensor is stored in (by Hugging Face name); IQ4_NL tensors (unknown to
-    /// candle) report `Q4_0`, whose blocks have the same size.
+    /// The ggml type a tensor is stored in (by Hugging Face name); the types candle does not
+    /// know report their stand-in of the same block length: IQ4_NL `Q4_0`, IQ4_XS `Q4K`.
     pub fn ggml_dtype(&self, name: &str) -> Option<GgmlDType> {
         let g = self.names.get(name)?;
         self.content.tensor_infos.get(g).map(|t| t.ggml_dtype)
@@ -334,15 +422,22 @@ impl GgufWeights {
             .ok_or_else(|| {
                 self.gguf_err(format!("tensor `{gguf_name}` has absurd dims {dims:?}"))
             })?;
-        let block = info.ggml_dtype.block_size();
+        let own = self.own.get(gguf_name).copied();
+        let (block, type_size, type_name) = match own {
+            Some(t) => (t.block_size(), t.type_size(), t.name().to_string()),
+            None => (
+                info.ggml_dtype.block_size(),
+                info.ggml_dtype.type_size(),
+                format!("{:?}", info.ggml_dtype),
+            ),
+        };
         if elems % block != 0 {
             return Err(self.gguf_err(format!(
-                "tensor `{gguf_name}` has {elems} elements, not a multiple of the {:?} block of {block}",
-                info.ggml_dtype
+                "tensor `{gguf_name}` has {elems} elements, not a multiple of the {type_name} block of {block}"
             )));
         }
         let bytes = (elems / block)
-            .checked_mul(info.ggml_dtype.type_size())
+            .checked_mul(type_size)
             .ok_or_else(|| self.gguf_err(format!("tensor `{gguf_name}` is too large")))?;
         let start = self
             .content
@@ -361,17 +456,9 @@ impl GgufWeights {
                 ))
             })?;
         let raw = &self.mmap[start..end];
-        if self.iq4_nl.contains(gguf_name) {
-            // ggml's f32 expression: d * kvalues[q], nibbles as Q4_0
+        if let Some(t) = own {
             let mut v = Vec::with_capacity(elems);
-            for blk in raw.chunks_exact(18) {
-                let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                let qs = &blk[2..];
-                v.extend((0..32).map(|j| {
-                    let q = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
-                    d * IQ4_NL_LEVELS[q as usize] as f32
-                }));
-            }
+            t.dequantize(raw, &mut v);
             return Ok(Tensor::from_vec(v, dims, &Device::Cpu)?);
         }
         // The block structs need at most 4-byte alignment; a well-formed file aligns data

@@ -18,7 +18,11 @@
 //! [`quantlab_grids::ggml_k`]: each 256-column super-block's f16 `d`, `dmin` and sub-block
 //! scales are fitted when GPTQ's sweep reaches it (or up front with static groups; `rtn`
 //! with the imatrix), and the codes and parameters are written as they are; shorter rows
-//! fall back as llama.cpp does, see [`k_fallback`]); `f32`, `f16` (nothing quantized).
+//! fall back as llama.cpp does, see [`k_fallback`]); llama-quantize's mixes `q2_k`,
+//! `q3_k_s|m|l`, `q4_k_s|m`, `q5_k_s|m`, `q6_k`, `iq4_nl`, whose block linears get the
+//! type llama.cpp's quantizer gives each ([`GgufFile::tensor_type`]: attn_v, ffn_down,
+//! attn_output by layer) and are each quantized on their own grid (`--pure`: all of the
+//! base type); `f32`, `f16` (nothing quantized).
 //! Embeddings and `output.weight` follow llama.cpp's quantizer
 //! ([`llama_cpp_embedding_type`]); norms and biases are F32.
 

@@ -41,7 +41,7 @@ pub enum GgufMix {
     /// `llama-quantize` takes as aliases of its `_M` mixes; here they are pure).
     Pure,
     /// llama.cpp's rule for the type's own file type: `q2_k` (attn_v, attn_output and
-    /// ffn_down one step up), `q6_k`, `iq4_nl`.
+    /// ffn_down one step up), `q6_k`, `iq4_nl`, `iq4_xs`.
     Default,
     /// `_S`.
     Small,
@@ -128,8 +128,8 @@ pub fn use_more_bits(i: usize, n: usize) -> bool {
 }
 
 /// The GGUF file types `--format gguf:<type>` accepts (case-insensitive): the block types
-/// with a grid, llama-quantize's K-quant mixes, `iq4_nl`, and the two floats.
-pub const GGUF_FILES: [(&str, GgmlType, GgufMix); 20] = [
+/// with a grid, llama-quantize's K-quant mixes, `iq4_nl`, `iq4_xs`, and the two floats.
+pub const GGUF_FILES: [(&str, GgmlType, GgufMix); 21] = [
     ("q4_0", GgmlType::Q4_0, GgufMix::Pure),
     ("q4_1", GgmlType::Q4_1, GgufMix::Pure),
     ("q5_0", GgmlType::Q5_0, GgufMix::Pure),
@@ -148,6 +148,7 @@ pub const GGUF_FILES: [(&str, GgmlType, GgufMix); 20] = [
     ("q5_k_m", GgmlType::Q5_K, GgufMix::Medium),
     ("q6_k", GgmlType::Q6_K, GgufMix::Default),
     ("iq4_nl", GgmlType::IQ4_NL, GgufMix::Default),
+    ("iq4_xs", GgmlType::IQ4_XS, GgufMix::Default),
     ("f32", GgmlType::F32, GgufMix::Pure),
     ("f16", GgmlType::F16, GgufMix::Pure),
 ];
@@ -186,8 +187,8 @@ impl GgufFile {
     }
 
     /// llama.cpp's `general.file_type` (`enum llama_ftype`): Q4_0 2, ..., Q2_K 10, Q3_K_S 11,
-    /// Q3_K_M 12, Q3_K_L 13, Q4_K_S 14, Q4_K_M 15, Q5_K_S 16, Q5_K_M 17, Q6_K 18, IQ4_NL 25
-    /// (our pure q3_k / q4_k / q5_k: the `_S` numbers).
+    /// Q3_K_M 12, Q3_K_L 13, Q4_K_S 14, Q4_K_M 15, Q5_K_S 16, Q5_K_M 17, Q6_K 18, IQ4_NL 25,
+    /// IQ4_XS 30 (our pure q3_k / q4_k / q5_k: the `_S` numbers).
     pub fn file_type(&self) -> Option<u32> {
         let base = quantlab_checkpoints::export::gguf::file_type_of(self.ty)?;
         let step = match (self.ty, self.mix) {
@@ -210,7 +211,7 @@ impl GgufFile {
     /// | q3_k_l | Q5_K | Q5_K | Q5_K |
     /// | q4_k_s | Q5_K in layers 0-3 | Q5_K in the first 1/8 | - |
     /// | q4_k_m, q5_k_m | Q6_K where [`use_more_bits`] | Q6_K where [`use_more_bits`] | - |
-    /// | iq4_nl | Q5_K if n_gqa >= 4 | Q5_K in the first 1/8 without an imatrix | - |
+    /// | iq4_nl, iq4_xs | Q5_K if n_gqa >= 4 | Q5_K in the first 1/8 without an imatrix | - |
     ///
     /// Every other linear, and every linear of a pure file, keeps [`GgufFile::ty`].
     ///
@@ -250,7 +251,7 @@ impl GgufFile {
                 }
             }
             (R::AttnV, T::Q3_K, M::Large) => T::Q5_K,
-            (R::AttnV, T::IQ4_NL, M::Default) if s.n_gqa >= 4 => T::Q5_K,
+            (R::AttnV, T::IQ4_NL | T::IQ4_XS, M::Default) if s.n_gqa >= 4 => T::Q5_K,
             (R::AttnV, T::Q4_K | T::Q5_K, M::Medium) if more => T::Q6_K,
             (R::AttnV, T::Q4_K, M::Small) if i < 4 => T::Q5_K,
             (R::FfnDown, T::Q2_K, M::Default) => T::Q3_K,
@@ -263,7 +264,9 @@ impl GgufFile {
             }
             (R::FfnDown, T::Q3_K, M::Large) => T::Q5_K,
             (R::FfnDown, T::Q4_K | T::Q5_K, M::Medium) if more => T::Q6_K,
-            (R::FfnDown, T::IQ4_NL, M::Default) if i < n / 8 && !s.has_imatrix => T::Q5_K,
+            (R::FfnDown, T::IQ4_NL | T::IQ4_XS, M::Default) if i < n / 8 && !s.has_imatrix => {
+                T::Q5_K
+            }
             (R::FfnDown, T::Q4_K, M::Small) if i < n / 8 => T::Q5_K,
             (R::AttnOutput, T::Q2_K, M::Default) => T::Q3_K,
             (R::AttnOutput, T::Q3_K, M::Medium) => T::Q4_K,
@@ -289,10 +292,10 @@ impl std::fmt::Display for ExportFormat {
 /// Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 as llama.cpp's `tensor_type_fallback`; Q2_K and Q3_K ->
 /// IQ4_NL (4.5 bits per weight, 16 non-uniform levels), where the llama.cpp vendored in
 /// llama-cpp-python 0.3.36 writes Q4_0 (the same 4.5 bits per weight; older llama.cpp wrote
-/// IQ4_NL). Other types are returned unchanged.
+/// IQ4_NL); IQ4_XS -> IQ4_NL as llama.cpp. Other types are returned unchanged.
 pub fn k_fallback(ty: GgmlType) -> GgmlType {
     match ty {
-        GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::IQ4_NL,
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::IQ4_XS => GgmlType::IQ4_NL,
         GgmlType::Q4_K => GgmlType::Q5_0,
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,

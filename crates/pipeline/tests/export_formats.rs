@@ -292,6 +292,13 @@ fn gguf_k_types_fall_back_on_short_rows_and_write_k_blocks_on_whole_super_blocks
             cfg(Method::Rtn, "gguf:q3_k"),
         ),
         (
+            // IQ4_XS: the IQ4_NL levels in super-blocks with 6-bit sub-block scales
+            "gguf:iq4_xs",
+            GgmlType::IQ4_NL,
+            30,
+            cfg(Method::Gptq, "gguf:iq4_xs"),
+        ),
+        (
             "gguf:q5_k",
             GgmlType::Q5_1,
             16,

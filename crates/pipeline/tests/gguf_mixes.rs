@@ -45,9 +45,11 @@ fn ggml_name(spec: &FormatSpec) -> &'static str {
 
 /// The type llama.cpp 0.3.36 writes where we write `ours`: the same, except that Q2_K / Q3_K
 /// rows that are not whole super-blocks fall back to IQ4_NL here and to Q4_0 there (both 4.5
-/// bits per weight; docs/quantize.md). An IQ4_NL file is IQ4_NL in both.
+/// bits per weight; docs/quantize.md). In an IQ4_NL or IQ4_XS file they are IQ4_NL in both.
 fn theirs_for<'a>(file: &ExportFormat, ours: &'a str) -> &'a str {
-    if file.gguf_type() != Some(GgmlType::IQ4_NL) && ours == k_fallback(GgmlType::Q2_K).name() {
+    if !matches!(file.gguf_type(), Some(GgmlType::IQ4_NL | GgmlType::IQ4_XS))
+        && ours == k_fallback(GgmlType::Q2_K).name()
+    {
         "Q4_0"
     } else {
         ours
@@ -60,7 +62,7 @@ fn every_block_linear_gets_llama_quantizes_type_for_each_k_quant_mix() {
     let oracle = oracle();
     let names = [
         "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
-        "iq4_nl",
+        "iq4_nl", "iq4_xs",
     ];
     for name in names {
         let want = &oracle[&name.to_ascii_uppercase()];

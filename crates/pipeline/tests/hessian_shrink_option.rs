@@ -52,6 +52,11 @@ fn default_depends_on_the_grid() {
         c.hessian_shrink_for(&FormatSpec::Ggml(GgmlGrid::IQ4_NL)),
         0.5
     );
+    // IQ4_XS is a super-block grid (GgmlGrid::K): the K grids' default
+    assert_eq!(
+        c.hessian_shrink_for(&FormatSpec::Ggml(GgmlGrid::IQ4_XS)),
+        DEFAULT_GGML_K_HESSIAN_SHRINK
+    );
     assert_eq!(c.hessian_shrink_for(&int4), 0.0);
     let set = QuantizeConfig {
         hessian_shrink: Some(0.25),

@@ -25,7 +25,7 @@ fn params(g: GgmlGrid, fit: GroupFit, shrink: f64) -> GptqParams {
     }
 }
 
-const GRIDS: [GgmlGrid; 8] = [
+const GRIDS: [GgmlGrid; 9] = [
     GgmlGrid::Q4_0,
     GgmlGrid::Q4_1,
     GgmlGrid::Q5_0,
@@ -34,6 +34,7 @@ const GRIDS: [GgmlGrid; 8] = [
     GgmlGrid::IQ4_NL,
     GgmlGrid::Q4_K,
     GgmlGrid::Q6_K,
+    GgmlGrid::IQ4_XS,
 ];
 
 #[test]
@@ -41,7 +42,12 @@ fn blocked_equals_reference_in_every_mode() {
     let (out, n) = (6, 256);
     let W = random_weight(out, n, 3);
     let H = correlated_hessian(n, 4, 3, Par::Seq);
-    for g in [GgmlGrid::Q4_0, GgmlGrid::Q5_1, GgmlGrid::Q4_K] {
+    for g in [
+        GgmlGrid::Q4_0,
+        GgmlGrid::Q5_1,
+        GgmlGrid::Q4_K,
+        GgmlGrid::IQ4_XS,
+    ] {
         for fit in [GroupFit::Plain, GroupFit::HessianDiag, GroupFit::Gptq] {
             for shrink in [0.0, 0.5] {
                 for (act, stat) in [(false, false), (true, true)] {
@@ -113,7 +119,12 @@ fn static_groups_carry_the_weighted_rtn_scales() {
     let (out, n) = (4, 256);
     let W = random_weight(out, n, 21);
     let H = correlated_hessian(n, 22, 2, Par::Seq);
-    for g in [GgmlGrid::Q4_0, GgmlGrid::Q8_0, GgmlGrid::Q4_K] {
+    for g in [
+        GgmlGrid::Q4_0,
+        GgmlGrid::Q8_0,
+        GgmlGrid::Q4_K,
+        GgmlGrid::IQ4_XS,
+    ] {
         let (rtn_w, _) = rtn_imatrix(W.view(), g, Some(H.view())).unwrap();
         let p = GptqParams {
             act_order: true,

@@ -1,4 +1,5 @@
-//! GPTQ on ggml's K super-block grids (a 256-column fit span of sub-block groups): the
+//! GPTQ on ggml's K super-block grids (Q2_K .. Q6_K and IQ4_XS, [`GgmlGrid::K`]: a
+//! 256-column fit span of sub-block groups): the
 //! blocked version equals the plain reference, an identity Hessian gives exactly the RTN of
 //! the same super-block fit, static groups are fitted on the original weights, the result
 //! beats RTN on correlated inputs, and shapes the grid cannot hold are clear errors.
@@ -117,7 +118,7 @@ fn static_groups_are_fitted_on_the_original_weights() {
     let X = correlated_inputs(4 * n, n, 8, 3);
     let H = hessian_of(X.view());
     let W = random_weight(out, n, 9);
-    for g in [GgmlGrid::Q4_K, GgmlGrid::Q6_K] {
+    for g in [GgmlGrid::Q4_K, GgmlGrid::Q6_K, GgmlGrid::IQ4_XS] {
         let spec = FormatSpec::Ggml(g);
         let rtn = quantize_rtn("w", W.view(), &spec, Granularity::Group(g.group_len())).unwrap();
         let p = GptqParams {

@@ -20,8 +20,10 @@
 //!   works for quantized bytes too (blocks run along rows). Tensors given under GGUF names
 //!   are written as they are.
 //! * [`blocks_from_quantized`]: a [`QuantizedLinear`] on [`quantlab_grids::GgmlGrid`] with
-//!   groups of 32 maps one to one onto ggml blocks (codes, f16 `d` and `m`): the bytes decode
-//!   to exactly [`QuantizedLinear::dequantize`].
+//!   groups of 32 maps one to one onto ggml blocks (codes, f16 `d` and `m`; on a K grid or
+//!   IQ4_XS each 256-column super-block onto one block, its `d` and sub-block integers
+//!   recovered from the groups' parameters): the bytes decode to exactly
+//!   [`QuantizedLinear::dequantize`].
 //!
 //! ```
 //! use ndarray::Array2;
@@ -104,8 +106,9 @@ impl GgufTensor {
         }
     }
 
-    /// The ggml block bytes of a [`QuantizedLinear`] on a [`GgmlGrid`] with groups of 32
-    /// (see [`blocks_from_quantized`]); shape `[out, in]`.
+    /// The ggml block bytes of a [`QuantizedLinear`] on a [`GgmlGrid`] with its groups (32,
+    /// or the sub-blocks of a super-block grid such as IQ4_XS: see
+    /// [`blocks_from_quantized`]); shape `[out, in]`.
     pub fn from_quantized(name: &str, q: &QuantizedLinear) -> Result<Self> {
         let ty = match q.spec {
             FormatSpec::Ggml(g) => grid_type(g),
@@ -145,6 +148,7 @@ pub fn grid_type(g: GgmlGrid) -> GgmlType {
         GgmlGrid::Q5_K => GgmlType::Q5_K,
         GgmlGrid::Q6_K => GgmlType::Q6_K,
         GgmlGrid::IQ4_NL => GgmlType::IQ4_NL,
+        GgmlGrid::IQ4_XS => GgmlType::IQ4_XS,
     }
 }
 
@@ -166,8 +170,13 @@ fn exact_f16(name: &str, label: &str, what: &str, v: f32) -> Result<f16> {
 /// stored as f16. The bytes dequantize (ggml, the `gguf` package, [`gguf_blocks`]) to
 /// exactly `q.dequantize()`.
 ///
-/// Errors name `name`: another format or type, a granularity other than `Group(32)`, an
-/// act-order `g_idx`, a scale or minimum that is not an exact f16 value.
+/// On the super-block grids ([`GgmlGrid::K`]: the K-quants and IQ4_XS) each 256-column
+/// super-block of a row is one block whose f16 `d` (and `dmin`) and sub-block integers
+/// reproduce the groups' parameters exactly ([`KSuperParams::factor`]).
+///
+/// Errors name `name`: another format or type, a granularity other than `Group(32)` (the
+/// sub-block length on the super-block grids), an act-order `g_idx`, a scale or minimum that
+/// is not an exact f16 value (not one f16 times integers per super-block).
 pub fn blocks_from_quantized(name: &str, q: &QuantizedLinear, ty: GgmlType) -> Result<Vec<u8>> {
     let label = format!("GGUF {}", ty.name());
     let grid = match q.spec {
@@ -303,9 +312,9 @@ fn k_blocks_from_quantized(
 }
 
 /// Round-to-nearest of a dense `[rows, cols]` tensor into `ty` with ggml's reference
-/// quantizers (`F32`, `F16`, `BF16` and the block types Q4_0 .. Q6_K); `name` appears in
-/// errors (a row length that is not a multiple of the block size, non-finite values, an
-/// unsupported type).
+/// quantizers (`F32`, `F16`, `BF16` and the block types Q4_0 .. Q6_K, IQ4_NL, IQ4_XS);
+/// `name` appears in errors (a row length that is not a multiple of the block size,
+/// non-finite values, an unsupported type).
 pub fn quantize_tensor(name: &str, x: ArrayView2<f32>, ty: GgmlType) -> Result<GgufTensor> {
     quantize_tensor_weighted(name, x, ty, None)
 }
@@ -357,7 +366,7 @@ pub fn quantize_tensor_weighted(
                 return Err(pack_err(
                     format!("GGUF {ty}"),
                     name,
-                    "no quantizer for this type (use F32, F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K or IQ4_NL)",
+                    "no quantizer for this type (use F32, F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL or IQ4_XS)",
                 ));
             }
             let qk = ty.block_size() as usize;
@@ -468,7 +477,7 @@ pub fn permute_qk_rows(bytes: &[u8], rows: usize, row_bytes: usize, n_head: usiz
 
 /// llama.cpp's `general.file_type` (`enum llama_ftype`) for files whose linear weights are
 /// mostly of type `ty`: F32 0, F16 1, Q4_0 2, Q4_1 3, Q8_0 7, Q5_0 8, Q5_1 9, Q2_K 10,
-/// Q3_K 11 (`_S`), Q4_K 14 (`_S`), Q5_K 16 (`_S`), Q6_K 18, BF16 32.
+/// Q3_K 11 (`_S`), Q4_K 14 (`_S`), Q5_K 16 (`_S`), Q6_K 18, IQ4_NL 25, IQ4_XS 30, BF16 32.
 pub fn file_type_of(ty: GgmlType) -> Option<u32> {
     Some(match ty {
         GgmlType::F32 => 0,
@@ -479,6 +488,7 @@ pub fn file_type_of(ty: GgmlType) -> Option<u32> {
         GgmlType::Q5_0 => 8,
         GgmlType::Q5_1 => 9,
         GgmlType::IQ4_NL => 25,
+        GgmlType::IQ4_XS => 30,
         GgmlType::Q2_K => 10,
         GgmlType::Q3_K => 11,
         GgmlType::Q4_K => 14,

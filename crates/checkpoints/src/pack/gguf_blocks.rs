@@ -1,5 +1,5 @@
-//! The ggml block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and
-//! IQ4_NL.
+//! The ggml block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL
+//! and IQ4_XS.
 //!
 //! A format is a type: each block is a `#[repr(C)]` struct whose size is checked at compile
 //! time against ggml's type size, and [`GgufBlock`] carries the constants (weights per block
@@ -37,6 +37,10 @@
 //!   every code is the nearest level under the stored (quantized) parameters. The `from_parts`
 //!   constructors ([`BlockQ4_K::from_parts`], ..., [`k_block_bytes`]) pack given parameters
 //!   and codes (how GPTQ-placed K grids are written).
+//! * IQ4_NL and IQ4_XS (our own scale searches, the layouts and levels exact): the fits of
+//!   [`GgmlGrid::IQ4_NL`] and of the super-block grid [`GgmlGrid::IQ4_XS`] (IQ4_NL's level
+//!   search per sub-block of 32, the sub-block scales as signed 6-bit multiples of one f16
+//!   `d`; [`quantlab_grids::ggml_k`]), every code the nearest level.
 //! * Importance (imatrix) hook, `quantize_weighted(x, w)`: the same searches with per-weight
 //!   importance `w_i >= 0`, minimising `sum_i w_i (x_i - y_i)^2` with `y` the dequantized
 //!   block. The searched block is kept only when its weighted error is below that of the
@@ -344,6 +348,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ4_K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5_K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6_K>() == 210);
 const _: () = assert!(std::mem::size_of::<BlockIQ4_NL>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockIQ4_XS>() == 136);
 
 /// IQ4_NL: 32 weights, `y = d * IQ4_NL_LEVELS[q]` (16 fixed non-uniform int8 levels); nibbles
 /// as Q4_0 (`qs[j]` holds `q[j]` in the low nibble and `q[j + 16]` in the high one).
@@ -356,6 +361,24 @@ pub struct BlockIQ4_NL {
     pub qs: [u8; 16],
 }
 
+/// IQ4_XS: 256 weights in 8 sub-blocks of 32 with the IQ4_NL levels and a signed 6-bit scale
+/// each, `y = d * (ls - 32) * IQ4_NL_LEVELS[q]`. Sub-block `ib` (0..8): `ls` has its low 4
+/// bits at bit `4 (ib % 2)` of `scales_l[ib / 2]` and its high 2 bits at bit `2 ib` of
+/// `scales_h` ([`scale_iq4_xs`]); its codes are the nibbles of `qs[16 ib..16 ib + 16]` as
+/// IQ4_NL's (weight `j` low, weight `j + 16` high).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockIQ4_XS {
+    /// f16 scale of the sub-block scales.
+    pub d: f16,
+    /// High 2 bits of the 8 stored sub-block scales `ls` (a little-endian u16 on disk).
+    pub scales_h: u16,
+    /// Low 4 bits of the stored sub-block scales, two per byte.
+    pub scales_l: [u8; 4],
+    /// Packed level indices, 16 bytes per sub-block.
+    pub qs: [u8; 128],
+}
+
 // ---------------------------------------------------------------------------------------
 // Little-endian byte helpers
 
@@ -363,6 +386,15 @@ pub struct BlockIQ4_NL {
 trait LeField: Sized {
     fn put(&self, o: &mut Writer<'_>);
     fn take(r: &mut Reader<'_>) -> Self;
+}
+
+impl LeField for u16 {
+    fn put(&self, o: &mut Writer<'_>) {
+        o.bytes(&self.to_le_bytes());
+    }
+    fn take(r: &mut Reader<'_>) -> Self {
+        u16::from_le_bytes(r.array())
+    }
 }
 
 impl LeField for f16 {
@@ -806,6 +838,49 @@ impl GgufBlock for BlockIQ4_NL {
     le_fields!(d, qs);
 }
 
+impl GgufBlock for BlockIQ4_XS {
+    const QK: usize = QK_K;
+    const TYPE_ID: u32 = 23;
+    const TYPE_SIZE: usize = 136;
+    const NAME: &'static str = "IQ4_XS";
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        scales_h: 0,
+        scales_l: [0; 4],
+        qs: [0; 128],
+    };
+
+    /// The super-block fit of [`quantlab_grids::GgmlGrid::IQ4_XS`] (weighted with `w`),
+    /// then the nearest level of every weight.
+    fn quantize_block(x: &[f32], w: Option<&[f32]>) -> Self {
+        let (sp, q) = k_fit(GgmlGrid::IQ4_XS, x, w);
+        Self::from_parts(&sp, &q)
+    }
+
+    fn dequantize_block(&self, y: &mut [f32]) {
+        let d = self.d.to_f32();
+        for (ib, yb) in y.chunks_exact_mut(32).enumerate() {
+            let dl = d * scale_iq4_xs(self.scales_h, &self.scales_l, ib) as f32;
+            let qs = &self.qs[16 * ib..16 * ib + 16];
+            for (j, v) in yb.iter_mut().enumerate() {
+                let q = (qs[j % 16] >> (4 * (j / 16))) & 0xF;
+                *v = dl * quantlab_grids::ggml::IQ4_NL_LEVELS[q as usize] as f32;
+            }
+        }
+    }
+
+    le_fields!(d, scales_h, scales_l, qs);
+}
+
+/// The signed 6-bit scale `ls - 32` of sub-block `ib` (0..8) of IQ4_XS: `ls` is the low
+/// nibble `(scales_l[ib / 2] >> 4 (ib % 2)) & 0xF` with the two bits `(scales_h >> 2 ib) & 3`
+/// above it.
+pub fn scale_iq4_xs(scales_h: u16, scales_l: &[u8; 4], ib: usize) -> i32 {
+    let lo = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+    let hi = ((scales_h >> (2 * ib)) & 3) as u8;
+    (lo | (hi << 4)) as i32 - 32
+}
+
 // ---------------------------------------------------------------------------------------
 // K-quants
 
@@ -1114,6 +1189,31 @@ impl BlockQ5_K {
     }
 }
 
+impl BlockIQ4_XS {
+    /// The block of stored parameters `sp` (8 sub-blocks, `sc` in -32..=31, stored as
+    /// `sc + 32`) and codes `q` (256 level indices, each 0..=15), as
+    /// [`quantlab_grids::GgmlGrid::IQ4_XS`] defines them.
+    pub fn from_parts(sp: &KSuperParams, q: &[u8; QK_K]) -> Self {
+        let (mut scales_h, mut scales_l) = (0u16, [0u8; 4]);
+        for (ib, &v) in sp.sc.iter().enumerate() {
+            let ls = (v + 32) as u8 & 63;
+            scales_l[ib / 2] |= (ls & 0xF) << (4 * (ib % 2));
+            scales_h |= ((ls >> 4) as u16) << (2 * ib);
+        }
+        let mut qs = [0u8; 128];
+        for (e, &c) in q.iter().enumerate() {
+            let (ib, j) = (e / 32, e % 32);
+            qs[16 * ib + j % 16] |= (c & 0xF) << (4 * (j / 16));
+        }
+        Self {
+            d: exact_h(sp.d),
+            scales_h,
+            scales_l,
+            qs,
+        }
+    }
+}
+
 impl BlockQ6_K {
     /// The block of stored parameters `sp` (16 sub-blocks, `sc` an i8) and codes `q` (256,
     /// each 0..=63 = signed value + 32).
@@ -1133,10 +1233,11 @@ impl BlockQ6_K {
     }
 }
 
-/// The on-disk bytes of one K block of `grid` from its stored parameters and codes.
+/// The on-disk bytes of one K block of `grid` (a K-quant or IQ4_XS, [`GgmlGrid::K`]) from
+/// its stored parameters and codes.
 ///
-/// Panics (a caller bug) when `grid` is not a K type or `sp` has the wrong number of
-/// sub-blocks.
+/// Panics (a caller bug) when `grid` is not a super-block type or `sp` has the wrong number
+/// of sub-blocks.
 #[track_caller]
 pub fn k_block_bytes(grid: GgmlGrid, sp: &KSuperParams, q: &[u8; QK_K]) -> Vec<u8> {
     assert_eq!(
@@ -1150,6 +1251,7 @@ pub fn k_block_bytes(grid: GgmlGrid, sp: &KSuperParams, q: &[u8; QK_K]) -> Vec<u
         GgmlGrid::Q4_K => to_bytes(&[BlockQ4_K::from_parts(sp, q)]),
         GgmlGrid::Q5_K => to_bytes(&[BlockQ5_K::from_parts(sp, q)]),
         GgmlGrid::Q6_K => to_bytes(&[BlockQ6_K::from_parts(sp, q)]),
+        GgmlGrid::IQ4_XS => to_bytes(&[BlockIQ4_XS::from_parts(sp, q)]),
         g => panic!("{g:?} is not a K type"),
     }
 }
@@ -1164,7 +1266,7 @@ pub fn k_block_bytes(grid: GgmlGrid, sp: &KSuperParams, q: &[u8; QK_K]) -> Vec<u
 pub use crate::gguf::GgmlType;
 
 /// The types with a block struct in this module, in type-id order.
-pub const BLOCK_TYPES: [GgmlType; 11] = [
+pub const BLOCK_TYPES: [GgmlType; 12] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
@@ -1176,6 +1278,7 @@ pub const BLOCK_TYPES: [GgmlType; 11] = [
     GgmlType::Q5_K,
     GgmlType::Q6_K,
     GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
 ];
 
 /// Whether `ty` has a block struct here (a quantizer and a dequantizer).
@@ -1185,7 +1288,7 @@ pub fn has_blocks(ty: GgmlType) -> bool {
 
 /// The number format ([`GgmlGrid`], `quantlab-grids`) a block type stores: the one map from
 /// a file's type to the grid the solvers quantize onto. `None` for the types without
-/// blocks here (floats, the IQ types but IQ4_NL, the activation types).
+/// blocks here (floats, the IQ types but IQ4_NL and IQ4_XS, the activation types).
 ///
 /// ```
 /// use quantlab_checkpoints::pack::gguf_blocks::{grid_of, BLOCK_TYPES, GgmlType};
@@ -1208,11 +1311,13 @@ pub fn grid_of(ty: GgmlType) -> Option<GgmlGrid> {
         GgmlType::Q5_K => GgmlGrid::Q5_K,
         GgmlType::Q6_K => GgmlGrid::Q6_K,
         GgmlType::IQ4_NL => GgmlGrid::IQ4_NL,
+        GgmlType::IQ4_XS => GgmlGrid::IQ4_XS,
         _ => return None,
     })
 }
 
-/// Whether `ty` is one of ggml's K types (super-blocks of 256 with sub-block scales).
+/// Whether `ty` is one of ggml's super-block types (256 weights with integer sub-block
+/// scales of one f16 `d`): the K-quants and IQ4_XS, the grids of [`GgmlGrid::K`].
 pub fn is_k_type(ty: GgmlType) -> bool {
     grid_of(ty).is_some_and(|g| g.is_k())
 }
@@ -1262,6 +1367,10 @@ macro_rules! dispatch {
             }
             GgmlType::IQ4_NL => {
                 type $B = BlockIQ4_NL;
+                $body
+            }
+            GgmlType::IQ4_XS => {
+                type $B = BlockIQ4_XS;
                 $body
             }
             $other => $fallback,
