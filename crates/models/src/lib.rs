@@ -18,6 +18,7 @@ pub mod linear;
 pub mod llama;
 mod ops;
 pub mod ppl;
+pub mod rotate;
 pub mod tokenizer;
 pub mod weights;
 

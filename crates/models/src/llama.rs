@@ -431,6 +431,169 @@ impl LlamaModel {
         Ok(())
     }
 
+    /// Folds every RMSNorm's scale into the linears that read its output (rotation
+    /// preparation, [`crate::rotate`]): `input_layernorm` into q/k/v, `post_attention_layernorm`
+    /// into gate/up and `model.norm` into the output head (`W diag(g)`), each norm's weight then
+    /// all ones. The output head becomes its own tensor (the model is no longer tied). The
+    /// logits are unchanged up to f32 rounding. Every linear touched becomes a
+    /// [`DenseLinear`] (a lazy or quantized one is read in f32 first): fold before quantizing.
+    pub fn fold_norms(&mut self) -> Result<()> {
+        let d = self.config.hidden_size;
+        let fold = |lin: &mut Box<dyn Linear>, g: &[f32]| -> Result<()> {
+            let g = Tensor::from_slice(g, (1, g.len()), &Device::Cpu)?;
+            let w = lin.weight()?.broadcast_mul(&g)?;
+            *lin = Box::new(DenseLinear::new(w, lin.bias())?);
+            Ok(())
+        };
+        for b in &mut self.blocks {
+            let g = std::mem::replace(&mut b.input_layernorm, vec![1.0; d]);
+            for j in [0, 1, 2] {
+                fold(&mut b.linears[j], &g)?;
+            }
+            let g = std::mem::replace(&mut b.post_attention_layernorm, vec![1.0; d]);
+            for j in [4, 5] {
+                fold(&mut b.linears[j], &g)?;
+            }
+        }
+        let g = std::mem::replace(&mut self.norm, vec![1.0; d]);
+        fold(&mut self.lm_head, &g)?;
+        self.config.tie_word_embeddings = false;
+        Ok(())
+    }
+
+    /// Whether every RMSNorm weight is 1 (as after [`LlamaModel::fold_norms`]).
+    pub fn norms_are_folded(&self) -> bool {
+        let one = |v: &[f32]| v.iter().all(|&x| x == 1.0);
+        one(&self.norm)
+            && self
+                .blocks
+                .iter()
+                .all(|b| one(&b.input_layernorm) && one(&b.post_attention_layernorm))
+    }
+
+    /// The RMSNorm weights under Hugging Face names (`model.layers.{i}.input_layernorm.weight`,
+    /// `...post_attention_layernorm.weight`, `model.norm.weight`).
+    pub fn norm_weights(&self) -> Vec<(String, Vec<f32>)> {
+        let mut v = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            v.push((
+                format!("{p}.input_layernorm.weight"),
+                b.input_layernorm.clone(),
+            ));
+            v.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.post_attention_layernorm.clone(),
+            ));
+        }
+        v.push(("model.norm.weight".into(), self.norm.clone()));
+        v
+    }
+
+    /// Rotates the residual stream by the orthogonal `q` (`[hidden, hidden]`, any float
+    /// dtype; QuaRot's R1): the stream `h` becomes `q^T h`, so the embedding rows and every
+    /// linear reading the stream (q/k/v, gate/up, the output head) are multiplied by `q` on
+    /// the right, and every linear writing into it (o_proj, down_proj: weight and bias) by
+    /// `q^T` on the left. RMSNorm commutes with the rotation only with unit weights, so the
+    /// norms must be folded first ([`LlamaModel::fold_norms`]; an error otherwise). Products
+    /// in f64, rounded to f32 once.
+    pub fn rotate_residual(&mut self, q: &Tensor) -> Result<()> {
+        let d = self.config.hidden_size;
+        let bad = |detail: String| ModelError::InvalidOption {
+            option: "rotate".into(),
+            detail,
+        };
+        if q.dims() != [d, d] {
+            return Err(bad(format!(
+                "the residual rotation is {:?}, the hidden size is {d}",
+                q.dims()
+            )));
+        }
+        if !self.norms_are_folded() || self.config.tie_word_embeddings {
+            return Err(bad(
+                "the norms are not folded (call fold_norms before rotate_residual)".into(),
+            ));
+        }
+        let q = q.to_dtype(DType::F64)?;
+        let qt = q.t()?.contiguous()?;
+        let right = |w: &Tensor| crate::rotate::in_f64(w, |w| Ok(w.matmul(&q)?));
+        let left = |w: &Tensor| crate::rotate::in_f64(w, |w| Ok(qt.matmul(w)?));
+        self.embed_tokens = right(&self.embed_tokens)?;
+        let reread = |lin: &mut Box<dyn Linear>, writer: bool| -> Result<()> {
+            let w = lin.weight()?;
+            let (w, b) = if writer {
+                let b = match lin.bias() {
+                    Some(b) => Some(left(&b.reshape((d, 1))?)?.reshape(d)?),
+                    None => None,
+                };
+                (left(&w)?, b)
+            } else {
+                (right(&w)?, lin.bias())
+            };
+            *lin = Box::new(DenseLinear::new(w, b)?);
+            Ok(())
+        };
+        for b in &mut self.blocks {
+            for (j, lin) in b.linears.iter_mut().enumerate() {
+                reread(lin, j == 3 || j == 6)?;
+            }
+        }
+        reread(&mut self.lm_head, false)?;
+        Ok(())
+    }
+
+    /// Rotates each attention head's values by the orthogonal `h` (`[head_dim, head_dim]`;
+    /// QuaRot's R2): the rows of every kv head of `v_proj` (and its bias) are multiplied by
+    /// `h^T`, and the columns of every head of `o_proj` by `h` (a query head reads the value
+    /// head of its group, rotated the same way), so attention's weighted sums of values pass
+    /// the rotation through to `o_proj` and the block computes the same output. Needs no
+    /// folding. Products in f64, rounded to f32 once.
+    pub fn rotate_heads_vo(&mut self, h: &Tensor) -> Result<()> {
+        let c = &self.config;
+        let (d, hd, nh, kv) = (
+            c.hidden_size,
+            c.head_dim,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+        );
+        if h.dims() != [hd, hd] {
+            return Err(ModelError::InvalidOption {
+                option: "rotate".into(),
+                detail: format!(
+                    "the head rotation is {:?}, the head dimension is {hd}",
+                    h.dims()
+                ),
+            });
+        }
+        let h = h.to_dtype(DType::F64)?;
+        let ht = h.t()?.contiguous()?;
+        for b in &mut self.blocks {
+            // v_proj [kv * hd, d]: per head [hd, d] -> h^T [hd, d]
+            let v = &mut b.linears[2];
+            let w = crate::rotate::in_f64(&v.weight()?, |w| {
+                Ok(ht
+                    .broadcast_matmul(&w.reshape((kv, hd, d))?)?
+                    .reshape((kv * hd, d))?)
+            })?;
+            let bias = match v.bias() {
+                Some(bv) => Some(crate::rotate::in_f64(&bv, |bv| {
+                    Ok(ht
+                        .broadcast_matmul(&bv.reshape((kv, hd, 1))?)?
+                        .reshape(kv * hd)?)
+                })?),
+                None => None,
+            };
+            *v = Box::new(DenseLinear::new(w, bias)?);
+            // o_proj [d, nh * hd]: per head's columns [d, hd] -> [d, hd] h
+            let o = &mut b.linears[3];
+            let w = crate::rotate::in_f64(&o.weight()?, |w| {
+                Ok(w.reshape((d * nh, hd))?.matmul(&h)?.reshape((d, nh * hd))?)
+            })?;
+            *o = Box::new(DenseLinear::new(w, o.bias())?);
+        }
+        Ok(())
+    }
+
     /// Looks up token embeddings: `[batch, tokens, hidden]` for a batch of equally long
     /// sequences.
     pub fn embed(&self, batch: &[&[u32]]) -> Result<Tensor> {
