@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use quantlab::grids::Granularity;
 use quantlab::pipeline::bench::{bench_quantize, SyntheticLlama};
-use quantlab::pipeline::{Calibration, ExportFormat, QuantizeConfig, QuantizeJob};
+use quantlab::pipeline::{
+    AwqOptions, Calibration, ExportFormat, Method, QuantizeConfig, QuantizeJob,
+};
 use quantlab::solvers::{bench::gptq_bench_with, gptq::GptqParams, Par};
 
 use crate::quantize::MethodArg;
@@ -107,7 +109,7 @@ pub struct BenchQuantizeArgs {
     pub eval_pass: bool,
     /// AWQ: windows the scale candidates are scored on (and the statistics taken from), as
     /// `quantize --awq-samples`.
-    #[arg(long, default_value_t = QuantizeConfig::default().awq_samples)]
+    #[arg(long, default_value_t = AwqOptions::default().samples)]
     pub awq_samples: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -138,7 +140,11 @@ fn run_bench_quantize(a: &BenchQuantizeArgs) -> Result<()> {
         }
         None => crate::generate::resolve_model(&a.model)?,
     };
-    let method: quantlab::pipeline::Method = a.method.into();
+    let mut method = Method::with_defaults(a.method.into());
+    if let Method::Awq(o) | Method::AwqGptq(o, _) = &mut method {
+        o.samples = a.awq_samples;
+    }
+    method.validate()?;
     let config = QuantizeConfig {
         method,
         bits: a.bits,
@@ -148,7 +154,6 @@ fn run_bench_quantize(a: &BenchQuantizeArgs) -> Result<()> {
         batch_size: a.batch_size,
         format: ExportFormat::parse(&a.format)?,
         lazy: a.lazy,
-        awq_samples: a.awq_samples,
         ..Default::default()
     };
     let mut job = QuantizeJob::new(model, config);

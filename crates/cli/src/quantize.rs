@@ -5,8 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
+use quantlab::models::rotate::RotationKind;
 use quantlab::pipeline::{
-    self, Calibration, EvalSpec, ExportFormat, Method, Override, QuantizeConfig, QuantizeJob,
+    self, AwqOptions, Calibration, CodebookOptions, EvalSpec, ExportFormat, GptqOptions,
+    Int8Options, Method, MethodKind, Override, PipelineError, QuantizeConfig, QuantizeJob,
+    Rotation,
 };
 
 /// The methods.
@@ -31,19 +34,81 @@ pub enum MethodArg {
     Fp8,
 }
 
-impl From<MethodArg> for Method {
+impl From<MethodArg> for MethodKind {
     fn from(m: MethodArg) -> Self {
         match m {
-            MethodArg::Rtn => Method::Rtn,
-            MethodArg::Gptq => Method::Gptq,
-            MethodArg::Awq => Method::Awq,
-            MethodArg::AwqGptq => Method::AwqGptq,
-            MethodArg::Nf4 => Method::Nf4,
-            MethodArg::Fp4 => Method::Fp4,
-            MethodArg::Int8 => Method::Int8,
-            MethodArg::Fp8 => Method::Fp8,
+            MethodArg::Rtn => MethodKind::Rtn,
+            MethodArg::Gptq => MethodKind::Gptq,
+            MethodArg::Awq => MethodKind::Awq,
+            MethodArg::AwqGptq => MethodKind::AwqGptq,
+            MethodArg::Nf4 => MethodKind::Nf4,
+            MethodArg::Fp4 => MethodKind::Fp4,
+            MethodArg::Int8 => MethodKind::Int8,
+            MethodArg::Fp8 => MethodKind::Fp8,
         }
     }
+}
+
+/// The method of `--method` with the parameters its flags give; a flag of another method is
+/// refused by name (GPTQ's flags with `rtn`, `--double-quant` with `int8`, ...).
+fn method_of(a: &QuantizeArgs) -> pipeline::Result<Method> {
+    let kind = MethodKind::from(a.method);
+    let refuse = |flag: &str, d: String| Err(PipelineError::option(flag, d));
+    if !kind.uses_gptq() {
+        let gptq_only = [
+            (a.act_order, "--act-order"),
+            (a.static_groups, "--static-groups"),
+            (a.damp.is_some(), "--damp"),
+            (a.block_size.is_some(), "--block-size"),
+            (a.hessian_shrink.is_some(), "--hessian-shrink"),
+        ];
+        if let Some((_, flag)) = gptq_only.iter().find(|(on, _)| *on) {
+            return refuse(
+                flag,
+                format!("only GPTQ uses it (--method gptq or awq+gptq), not {kind}"),
+            );
+        }
+    }
+    if a.double_quant && !matches!(kind, MethodKind::Nf4 | MethodKind::Fp4) {
+        return refuse(
+            "--double-quant",
+            format!("only nf4 and fp4 double-quantize their absmax, not {kind}"),
+        );
+    }
+    if a.int8_threshold.is_some() && kind != MethodKind::Int8 {
+        return refuse("--int8-threshold", format!("only int8 uses it, not {kind}"));
+    }
+    let defaults = GptqOptions::default();
+    let gptq = GptqOptions {
+        act_order: a.act_order,
+        static_groups: a.static_groups,
+        damp: a.damp.unwrap_or(defaults.damp),
+        block_size: a.block_size.unwrap_or(defaults.block_size),
+        hessian_shrink: a.hessian_shrink,
+        true_sequential: !a.no_true_sequential,
+    };
+    let awq = AwqOptions {
+        samples: a.awq_samples,
+        ..Default::default()
+    };
+    let codebook = CodebookOptions {
+        double_quant: a.double_quant,
+    };
+    let m = match kind {
+        MethodKind::Rtn => Method::Rtn,
+        MethodKind::Gptq => Method::Gptq(gptq),
+        MethodKind::Awq => Method::Awq(awq),
+        MethodKind::AwqGptq => Method::AwqGptq(awq, gptq),
+        MethodKind::Nf4 => Method::Nf4(codebook),
+        MethodKind::Fp4 => Method::Fp4(codebook),
+        MethodKind::Int8 => Method::Int8(Int8Options {
+            threshold: a.int8_threshold.unwrap_or(Int8Options::default().threshold),
+        }),
+        MethodKind::Fp8 => Method::Fp8,
+        other => Method::with_defaults(other),
+    };
+    m.validate()?;
+    Ok(m)
 }
 
 /// Arguments of `quantize`.
@@ -118,6 +183,16 @@ pub struct QuantizeArgs {
     /// scale search is weighted by it, as `llama-quantize --imatrix`; no calibration pass.
     #[arg(long, value_name = "FILE")]
     pub imatrix: Option<PathBuf>,
+    /// Rotate the model before quantizing it (QuaRot / SpinQuant's R1 on the residual stream
+    /// and R2 on each head's values, norms folded, all fused into the weights): `hadamard`
+    /// (a Hadamard matrix with random signs) or `random` (a random orthogonal matrix). The
+    /// rotated model computes the same function and is written as a plain LLaMA (its output
+    /// head untied), so every format and loader takes it. LLaMA family only.
+    #[arg(long, value_name = "KIND")]
+    pub rotate: Option<String>,
+    /// Seed of the rotation's signs or matrix (with --rotate).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub rotate_seed: u64,
     /// Calibration windows.
     #[arg(long, default_value_t = 128)]
     pub nsamples: usize,
@@ -142,7 +217,7 @@ pub struct QuantizeArgs {
     pub lazy: bool,
     /// AWQ: the first N calibration windows, on which the scale candidates are scored (on
     /// the block output) and the statistics (mean |x|, the clip search's rows) are taken.
-    #[arg(long, default_value_t = QuantizeConfig::default().awq_samples)]
+    #[arg(long, default_value_t = AwqOptions::default().samples)]
     pub awq_samples: usize,
     /// Checkpoint layout: `quantlab` (the project's own directory, default), `gptq`
     /// (checkpoint_format "gptq", zeros minus one, what transformers / AutoGPTQ / vLLM load),
@@ -198,27 +273,17 @@ fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
         .map(|s| Override::parse(s))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let config = QuantizeConfig {
-        method: a.method.into(),
+        method: method_of(a)?,
         bits: a.bits,
         group_size: a.group_size,
         sym: !a.asym,
-        act_order: a.act_order,
-        static_groups: a.static_groups,
-        damp: a.damp,
-        block_size: a.block_size,
-        hessian_shrink: a.hessian_shrink,
         mse: a.mse,
-        double_quant: a.double_quant,
-        int8_threshold: a.int8_threshold,
         skip: a.skip.clone(),
         overrides,
         nsamples: a.nsamples,
         seqlen: a.seqlen,
         seed: a.seed,
         batch_size: a.batch_size,
-        true_sequential: !a.no_true_sequential,
-        awq_samples: a.awq_samples,
-        awq_fold_only: false,
         format: {
             let f = ExportFormat::parse(&a.format)?;
             if a.pure {
@@ -229,6 +294,18 @@ fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
         },
         lazy: a.lazy,
         imatrix: a.imatrix.clone(),
+        rotate: match &a.rotate {
+            Some(k) => Some(Rotation {
+                kind: RotationKind::parse(k).ok_or_else(|| {
+                    PipelineError::option(
+                        "--rotate",
+                        format!("unknown rotation `{k}`; use hadamard or random"),
+                    )
+                })?,
+                seed: a.rotate_seed,
+            }),
+            None => None,
+        },
     };
     Ok(QuantizeJob {
         model: crate::generate::resolve_model(&a.model)?,
@@ -239,7 +316,7 @@ fn job_of(a: &QuantizeArgs) -> Result<QuantizeJob> {
                 path: p.clone(),
                 field: a.calib_field.clone(),
             },
-            None if Method::from(a.method).needs_calibration() => Calibration::Shipped,
+            None if MethodKind::from(a.method).needs_calibration() => Calibration::Shipped,
             None => Calibration::None,
         },
         out: a.out.clone(),

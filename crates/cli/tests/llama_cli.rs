@@ -248,3 +248,65 @@ fn generate_stops_at_end_of_sequence() {
     assert!(!ok);
     assert!(err.contains("/nonexistent/m.gguf"), "{err}");
 }
+
+#[test]
+fn quantize_refuses_a_flag_of_another_method_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    tiny_model(&model);
+    let m = model.to_str().unwrap();
+    // each method carries its own parameters: a flag that belongs to another one is refused
+    // before any work, naming the flag and the method
+    for (method, flag, value) in [
+        ("rtn", "--act-order", None),
+        ("awq", "--static-groups", None),
+        ("nf4", "--damp", Some("0.1")),
+        ("fp8", "--block-size", Some("64")),
+        ("rtn", "--hessian-shrink", Some("0.5")),
+        ("gptq", "--double-quant", None),
+        ("nf4", "--int8-threshold", Some("5")),
+    ] {
+        let mut args = vec![
+            "quantize",
+            "--model",
+            m,
+            "--method",
+            method,
+            "--dry-run",
+            flag,
+        ];
+        args.extend(value);
+        let (ok, _, err) = quantlab(&args);
+        assert!(!ok, "{method} {flag} accepted");
+        assert!(err.contains(flag) && err.contains(method), "{err}");
+    }
+    // a method's own parameter out of range is named too
+    let (ok, _, err) = quantlab(&[
+        "quantize",
+        "--model",
+        m,
+        "--method",
+        "gptq",
+        "--dry-run",
+        "--damp=-1",
+    ]);
+    assert!(!ok && err.contains("--damp") && err.contains("-1"), "{err}");
+    // and the same flags are taken by the method they belong to
+    let (ok, out, err) = quantlab(&[
+        "quantize",
+        "--model",
+        m,
+        "--method",
+        "gptq",
+        "--dry-run",
+        "--act-order",
+        "--static-groups",
+        "--damp",
+        "0.1",
+        "--hessian-shrink",
+        "0.5",
+        "--group-size",
+        "-1",
+    ]);
+    assert!(ok, "{out}{err}");
+}

@@ -209,7 +209,7 @@ pub fn bench_quantize(job: &QuantizeJob, eval_pass: bool) -> Result<QuantizeBenc
     let blocks = mc.num_hidden_layers as f64;
     let forward_flops = (linear_per_token + attn_per_token) * tokens as f64 * blocks;
     let t = &report.timings;
-    let one_forward = c.method.uses_gptq() && !c.method.uses_awq() && c.true_sequential;
+    let one_forward = !c.method.uses_awq() && c.method.true_sequential();
     let forward_gflops = (one_forward && t.forward > 0.0).then(|| forward_flops / t.forward / 1e9);
     let hess_flops = (3.0 * d * d + f * f) * tokens as f64 * blocks;
     let hessian_gflops = (tokens > 0 && t.hessian > 0.0 && !c.method.uses_awq())

@@ -66,6 +66,12 @@ pub use crate::source::is_bert_dir;
 /// The plan of a BERT model: its `6 x layers` linears in forward order.
 pub fn plan_bert(job: &QuantizeJob, bc: &BertConfig) -> Result<Plan> {
     let c = &job.config;
+    if c.rotate.is_some() {
+        return Err(PipelineError::option(
+            "--rotate",
+            "rotations are implemented for the LLaMA family, not for BERT encoders (their post-LayerNorms do not commute with a rotation)",
+        ));
+    }
     if c.method.uses_awq() {
         return Err(PipelineError::option(
             "--method",
@@ -261,7 +267,7 @@ pub fn run_bert(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quanti
     let t_drv = Instant::now();
     let mut reports: Vec<Option<LayerReport>> = vec![None; plan.layers.len()];
     let mut quantized = BTreeMap::new();
-    let sequential = c.true_sequential && c.method.needs_calibration();
+    let sequential = c.method.true_sequential();
     for l in 0..bc.num_hidden_layers {
         let lps = &plan.layers[l * 6..(l + 1) * 6];
         let groups: Vec<Vec<usize>> = if sequential {
@@ -389,11 +395,7 @@ pub fn dry_run_bert(job: &QuantizeJob) -> Result<crate::job::DryRun> {
         .map(|l| l.estimated_bits_per_weight() * (l.shape.0 * l.shape.1) as f64)
         .sum::<f64>()
         / n_linear.max(1) as f64;
-    let forwards = if c.true_sequential && c.method.needs_calibration() {
-        4.0
-    } else {
-        1.0
-    } * bc.num_hidden_layers as f64;
+    let forwards = if c.method.true_sequential() { 4.0 } else { 1.0 } * bc.num_hidden_layers as f64;
     let h = bc.hidden_size as u64;
     Ok(crate::job::DryRun {
         bits_per_weight: bpw,
@@ -472,8 +474,8 @@ fn save_bert(
             "bits": plan.bits,
             "group_size": plan.group_size,
             "sym": c.sym,
-            "desc_act": c.act_order,
-            "true_sequential": c.true_sequential,
+            "desc_act": c.method.gptq_options().is_some_and(|g| g.act_order),
+            "true_sequential": c.method.gptq_options().is_none_or(|g| g.true_sequential),
             "calibration": rep.calibration,
             "quantlab_version": env!("CARGO_PKG_VERSION"),
             "layers": layers,

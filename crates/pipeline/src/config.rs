@@ -25,7 +25,9 @@ use crate::format::{
 };
 use crate::{PipelineError, Result};
 
-pub use crate::method::Method;
+pub use crate::method::{
+    AwqOptions, CodebookOptions, GptqOptions, Int8Options, Method, MethodKind,
+};
 
 /// One `--override`: a pattern and the settings it changes.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -159,7 +161,7 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
 /// Everything that decides what the pipeline does to a model.
 #[derive(Clone, Debug, Serialize)]
 pub struct QuantizeConfig {
-    /// The method.
+    /// The method, with its own parameters (GPTQ's damping, AWQ's search subset, ...).
     pub method: Method,
     /// Bit width (`None`: the method's default).
     pub bits: Option<u32>,
@@ -167,25 +169,8 @@ pub struct QuantizeConfig {
     pub group_size: Option<i64>,
     /// Symmetric integer grid (default) or asymmetric.
     pub sym: bool,
-    /// GPTQ: columns by descending `diag H`.
-    pub act_order: bool,
-    /// GPTQ: group parameters from the original weights.
-    pub static_groups: bool,
-    /// GPTQ damping fraction of `mean(diag H)` (`None`: 0.01).
-    pub damp: Option<f64>,
-    /// GPTQ lazy-batch size (`None`: 128).
-    pub block_size: Option<usize>,
-    /// GPTQ: shrinkage of the Hessian toward its diagonal, in `[0, 1]`
-    /// ([`quantlab_solvers::gptq::GptqParams::hessian_shrink`]; `None`: 0.5 on ggml's block
-    /// grids, `--format gguf:*`, where GPTQ also fits each block's scale by the
-    /// importance-weighted search; 0 on every other format).
-    pub hessian_shrink: Option<f64>,
     /// The reference GPTQ MSE clipping search of the grid range (uniform grids).
     pub mse: bool,
-    /// NF4/FP4: double-quantize the absmax (QLoRA).
-    pub double_quant: bool,
-    /// int8: the LLM.int8() outlier threshold recorded for run time (`None`: 6.0).
-    pub int8_threshold: Option<f32>,
     /// Linears left in full precision (patterns).
     pub skip: Vec<String>,
     /// Per-module overrides, in order.
@@ -198,17 +183,6 @@ pub struct QuantizeConfig {
     pub seed: u64,
     /// Calibration windows per forward mini-batch.
     pub batch_size: usize,
-    /// GPTQ: re-capture the inputs after each group of the block is quantized (q,k,v; o;
-    /// gate,up; down). When false, one capture per block with the block's original weights.
-    pub true_sequential: bool,
-    /// AWQ: the first N calibration windows, on which the scale candidates are scored on the
-    /// block output and from which the float block's statistics (mean `|x|`, `H` for the
-    /// per-layer error, the clip search's rows) are taken; every window goes through the
-    /// quantized block for the next block's inputs.
-    pub awq_samples: usize,
-    /// AWQ: fold the searched scales into the model without quantizing (experiments; the
-    /// saved model is then the float model re-parametrised).
-    pub awq_fold_only: bool,
     /// The checkpoint layout written (`--format`): the project's own directory (default),
     /// GPTQ, AWQ, bitsandbytes or GGUF ([`crate::export::ExportFormat`]). Checked against the
     /// method in [`QuantizeConfig::validate`]; GGUF and GPTQ-onto-bitsandbytes change the
@@ -227,6 +201,21 @@ pub struct QuantizeConfig {
     /// scale search by it instead of by a calibration capture, as `llama-quantize
     /// --imatrix`. Only with `--method rtn` and `--format gguf:*`, without calibration.
     pub imatrix: Option<std::path::PathBuf>,
+    /// Rotate the model before quantizing it (`--rotate hadamard|random`, `--rotate-seed`):
+    /// norms folded, the residual stream rotated (R1) and each head's values (R2), fused
+    /// into the weights ([`quantlab_models::rotate::rotate_model`]); the model computes the
+    /// same function, its output head untied. LLaMA family only; not with `--lazy` or
+    /// `--imatrix` (an importance matrix of the unrotated model does not apply).
+    pub rotate: Option<Rotation>,
+}
+
+/// A rotation of the model before quantization ([`QuantizeConfig::rotate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Rotation {
+    /// Hadamard (QuaRot) or random orthogonal.
+    pub kind: quantlab_models::rotate::RotationKind,
+    /// Seed of R1's signs (or matrix); R2 uses `seed + 1`.
+    pub seed: u64,
 }
 
 /// GPTQ's default Hessian shrinkage on ggml's block grids (issue 18; docs/quantize.md,
@@ -257,30 +246,21 @@ pub fn default_ggml_hessian_shrink(g: quantlab_grids::GgmlGrid) -> f64 {
 impl Default for QuantizeConfig {
     fn default() -> Self {
         Self {
-            method: Method::Gptq,
+            method: Method::gptq(),
             bits: None,
             group_size: None,
             sym: true,
-            act_order: false,
-            static_groups: false,
-            damp: None,
-            block_size: None,
-            hessian_shrink: None,
             mse: false,
-            double_quant: false,
-            int8_threshold: None,
             skip: Vec::new(),
             overrides: Vec::new(),
             nsamples: 128,
             seqlen: 512,
             seed: 0,
             batch_size: 8,
-            true_sequential: true,
-            awq_samples: 8,
-            awq_fold_only: false,
             format: ExportFormat::Quantlab,
             lazy: false,
             imatrix: None,
+            rotate: None,
         }
     }
 }
@@ -351,11 +331,12 @@ pub struct Plan {
 }
 
 impl QuantizeConfig {
-    /// The Hessian shrinkage GPTQ uses on `spec`: `--hessian-shrink`, else
+    /// The Hessian shrinkage GPTQ uses on `spec`: [`GptqOptions::hessian_shrink`], else
     /// [`DEFAULT_GGML_K_HESSIAN_SHRINK`] on ggml's K grids, [`DEFAULT_GGML_HESSIAN_SHRINK`]
     /// on its other block grids and 0 elsewhere.
     pub fn hessian_shrink_for(&self, spec: &quantlab_grids::FormatSpec) -> f64 {
-        self.hessian_shrink.unwrap_or(match spec {
+        let set = self.method.gptq_options().and_then(|g| g.hessian_shrink);
+        set.unwrap_or(match spec {
             quantlab_grids::FormatSpec::Ggml(g) => default_ggml_hessian_shrink(*g),
             _ => 0.0,
         })
@@ -364,6 +345,20 @@ impl QuantizeConfig {
     /// Checks the options that do not depend on the model.
     pub fn validate(&self) -> Result<()> {
         let m = self.method;
+        if self.rotate.is_some() {
+            if self.lazy {
+                return Err(PipelineError::option(
+                    "--rotate",
+                    "rotates every weight in memory before quantizing; not with --lazy",
+                ));
+            }
+            if self.imatrix.is_some() {
+                return Err(PipelineError::option(
+                    "--rotate",
+                    "an importance matrix (--imatrix) holds the unrotated model's input statistics; calibrate instead (--calib)",
+                ));
+            }
+        }
         if self.imatrix.is_some() {
             if m != Method::Rtn {
                 return Err(PipelineError::option(
@@ -388,46 +383,7 @@ impl QuantizeConfig {
                 ),
             ));
         }
-        if !m.uses_gptq() {
-            let gptq_only = [
-                (self.act_order, "--act-order"),
-                (self.static_groups, "--static-groups"),
-                (self.damp.is_some(), "--damp"),
-                (self.block_size.is_some(), "--block-size"),
-                (self.hessian_shrink.is_some(), "--hessian-shrink"),
-            ];
-            if let Some((_, flag)) = gptq_only.iter().find(|(on, _)| *on) {
-                return Err(PipelineError::option(
-                    *flag,
-                    format!("only GPTQ uses it (--method gptq or awq+gptq), not {m}"),
-                ));
-            }
-        }
-        if self.static_groups && !self.act_order {
-            // harmless but meaningless: groups are static without act-order anyway
-        }
-        if let Some(d) = self.damp {
-            if !(d.is_finite() && d >= 0.0) {
-                return Err(PipelineError::option(
-                    "--damp",
-                    format!("{d}: use a fraction >= 0 (e.g. 0.01)"),
-                ));
-            }
-        }
-        if let Some(s) = self.hessian_shrink {
-            if !(0.0..=1.0).contains(&s) {
-                return Err(PipelineError::option(
-                    "--hessian-shrink",
-                    format!("{s}: use a value in [0, 1] (0 = plain GPTQ, 1 = weighted RTN)"),
-                ));
-            }
-        }
-        if self.block_size == Some(0) {
-            return Err(PipelineError::option(
-                "--block-size",
-                "0: use a positive number of columns (e.g. 128)",
-            ));
-        }
+        m.validate()?;
         if self.mse && !m.is_uniform() {
             return Err(PipelineError::option(
                 "--mse",
@@ -440,26 +396,6 @@ impl QuantizeConfig {
                 format!("{m} has no zero point (it is symmetric by construction)"),
             ));
         }
-        if self.double_quant && !matches!(m, Method::Nf4 | Method::Fp4) {
-            return Err(PipelineError::option(
-                "--double-quant",
-                format!("only nf4 and fp4 double-quantize their absmax, not {m}"),
-            ));
-        }
-        if let Some(t) = self.int8_threshold {
-            if m != Method::Int8 {
-                return Err(PipelineError::option(
-                    "--int8-threshold",
-                    format!("only int8 uses it, not {m}"),
-                ));
-            }
-            if !(t.is_finite() && t > 0.0) {
-                return Err(PipelineError::option(
-                    "--int8-threshold",
-                    format!("{t}: use a positive number (6.0)"),
-                ));
-            }
-        }
         if let Some(g) = self.group_size {
             Granularity::from_group_size(g).map_err(|_| {
                 PipelineError::option(
@@ -467,7 +403,7 @@ impl QuantizeConfig {
                     format!("{g}: use -1 (one group per row) or a positive number of columns"),
                 )
             })?;
-            if matches!(m, Method::Int8 | Method::Fp8) && g != -1 {
+            if matches!(m, Method::Int8(_) | Method::Fp8) && g != -1 {
                 return Err(PipelineError::option(
                     "--group-size",
                     format!("{m} has one scale per output row: use -1 (or leave it out), not {g}"),
@@ -492,19 +428,7 @@ impl QuantizeConfig {
                 "0: use at least 1 window per batch",
             ));
         }
-        if m.uses_awq() && self.awq_samples == 0 {
-            return Err(PipelineError::option(
-                "--awq-samples",
-                "0: use at least 1 window",
-            ));
-        }
         self.format.check_config(self)?;
-        if self.awq_fold_only && !m.uses_awq() {
-            return Err(PipelineError::option(
-                "awq_fold_only",
-                format!("needs an AWQ method, not {m}"),
-            ));
-        }
         for o in &self.overrides {
             if let Some(b) = o.bits {
                 if !m.supports_bits(b) {
@@ -534,7 +458,7 @@ impl QuantizeConfig {
                 ));
             }
             if let Some(g) = o.group_size {
-                if g == 0 || g < -1 || (matches!(m, Method::Int8 | Method::Fp8) && g != -1) {
+                if g == 0 || g < -1 || (matches!(m, Method::Int8(_) | Method::Fp8) && g != -1) {
                     return Err(PipelineError::option(
                         "--override",
                         format!("`{}`: group size {g} is not valid for {m}", o.pattern),
@@ -564,7 +488,7 @@ impl QuantizeConfig {
     /// let p = ragged.plan(&mc).unwrap();
     /// assert!((p.layers[6].estimated_bits_per_weight() - (4.0 + 2.0 * 16.0 / 96.0)).abs() < 1e-12);
     /// // bitsandbytes' flat blocks cannot be ragged
-    /// let bad = QuantizeConfig { method: Method::Nf4, group_size: Some(64), ..cfg };
+    /// let bad = QuantizeConfig { method: Method::nf4(), group_size: Some(64), ..cfg };
     /// assert!(bad.plan(&mc).unwrap_err().to_string().contains("down_proj"));
     /// ```
     pub fn plan(&self, mc: &LlamaConfig) -> Result<Plan> {
@@ -598,6 +522,15 @@ impl QuantizeConfig {
             notes.push(format!(
                 "AWQ: v_proj -> o_proj scaling skipped: the model uses grouped-query attention ({} KV heads for {} heads)",
                 mc.num_key_value_heads, mc.num_attention_heads
+            ));
+        }
+        if let Some(r) = &self.rotate {
+            notes.push(format!(
+                "rotated ({}, seed {}): norms folded into the linears, the residual stream ({}) and each head's values ({}) rotated, the output head written as its own tensor",
+                r.kind.name(),
+                r.seed,
+                mc.hidden_size,
+                mc.head_dim
             ));
         }
         let n_gqa = (mc.num_attention_heads / mc.num_key_value_heads.max(1)).max(1);
@@ -650,13 +583,9 @@ impl QuantizeConfig {
                         used_skip[i] = true;
                     }
                 }
-                let (mut b, mut g, mut sym, mut ao, mut damp) = (
-                    bits,
-                    group_size,
-                    self.sym,
-                    self.act_order,
-                    self.damp.unwrap_or(0.01),
-                );
+                let gptq = m.gptq_options().copied().unwrap_or_default();
+                let (mut b, mut g, mut sym, mut ao, mut damp) =
+                    (bits, group_size, self.sym, gptq.act_order, gptq.damp);
                 for (i, o) in self.overrides.iter().enumerate() {
                     if matches(&o.pattern, &name) {
                         used_override[i] = true;
@@ -703,7 +632,7 @@ impl QuantizeConfig {
                         group_size: g,
                         sym,
                         act_order: ao,
-                        static_groups: self.static_groups,
+                        static_groups: gptq.static_groups,
                         damp,
                         spec,
                         granularity,
@@ -730,7 +659,7 @@ impl QuantizeConfig {
                 ),
             ));
         }
-        if m == Method::AwqGptq {
+        if m.kind() == MethodKind::AwqGptq {
             notes.push("awq+gptq: AWQ scales only (no clipping: GPTQ fits each group's range itself; add --mse for a range search), then true-sequential GPTQ on the scaled weights".into());
         }
         if !m.needs_calibration() {
@@ -752,9 +681,9 @@ impl QuantizeConfig {
             return Ok(s);
         }
         Ok(match self.method {
-            Method::Nf4 => FormatSpec::Nf4,
-            Method::Fp4 => FormatSpec::Fp4,
-            Method::Int8 => FormatSpec::Int8,
+            Method::Nf4(_) => FormatSpec::Nf4,
+            Method::Fp4(_) => FormatSpec::Fp4,
+            Method::Int8(_) => FormatSpec::Int8,
             Method::Fp8 => FormatSpec::Fp8(Fp8Kind::E4M3),
             _ => {
                 let g = UniformGrid::new(bits, sym)?;
@@ -767,9 +696,9 @@ impl QuantizeConfig {
         })
     }
 
-    /// Double quantization settings when on.
+    /// Double quantization settings when on ([`CodebookOptions::double_quant`]).
     pub fn double_quant(&self) -> Option<DoubleQuant> {
-        self.double_quant.then(DoubleQuant::default)
+        self.method.double_quant().then(DoubleQuant::default)
     }
 }
 
@@ -778,6 +707,7 @@ impl ExportFormat {
     /// [`QuantizeConfig::validate`], so before any work.
     pub fn check_config(&self, c: &QuantizeConfig) -> Result<()> {
         let m = c.method;
+        let gptq = m.gptq_options().copied().unwrap_or_default();
         let f = self.name();
         let bad = |d: String| Err(PipelineError::option("--format", format!("{f}: {d}")));
         let bits = c.bits.unwrap_or(m.default_bits());
@@ -798,7 +728,7 @@ impl ExportFormat {
                     if bits != 4 {
                         return bad(format!("AWQ GEMM packs 4-bit codes, not {bits}"));
                     }
-                    if c.act_order {
+                    if gptq.act_order {
                         return bad("AWQ GEMM has no g_idx: groups are consecutive columns; drop --act-order (or write gptq)".into());
                     }
                 } else if ![2, 3, 4, 8].contains(&bits) {
@@ -811,14 +741,14 @@ impl ExportFormat {
             }
             Self::BnbNf4 | Self::BnbFp4 => {
                 let own = if *self == Self::BnbNf4 {
-                    Method::Nf4
+                    MethodKind::Nf4
                 } else {
-                    Method::Fp4
+                    MethodKind::Fp4
                 };
-                if m != own && m != Method::Gptq {
+                if m.kind() != own && m.kind() != MethodKind::Gptq {
                     return bad(format!("stores {own} codes: use --method {own} (round to nearest) or --method gptq (GPTQ on the {own} grid), not {m}"));
                 }
-                if m == Method::Gptq {
+                if m.kind() == MethodKind::Gptq {
                     if bits != 4 {
                         return bad(format!("4-bit codes, not {bits}"));
                     }
@@ -828,7 +758,7 @@ impl ExportFormat {
                                 .into(),
                         );
                     }
-                    if c.act_order && !c.static_groups {
+                    if gptq.act_order && !gptq.static_groups {
                         return bad("bitsandbytes blocks are consecutive runs of weights: act-order needs --static-groups".into());
                     }
                 }
@@ -841,14 +771,14 @@ impl ExportFormat {
                 Ok(())
             }
             Self::BnbInt8 => {
-                if m != Method::Int8 {
+                if m.kind() != MethodKind::Int8 {
                     return bad(format!("stores LLM.int8 rows: use --method int8, not {m}"));
                 }
                 Ok(())
             }
             Self::Gguf(f) => {
                 let t = f.ty;
-                if !matches!(m, Method::Rtn | Method::Gptq) {
+                if !matches!(m, Method::Rtn | Method::Gptq(_)) {
                     return bad(format!("GGUF blocks are written from --method rtn (with the calibration imatrix) or --method gptq (on the block grid), not {m}"));
                 }
                 if !t.is_quantized() && m != Method::Rtn {
@@ -874,7 +804,7 @@ impl ExportFormat {
                             .into(),
                     );
                 }
-                if c.act_order && !c.static_groups {
+                if gptq.act_order && !gptq.static_groups {
                     return bad("ggml blocks are consecutive runs of 32 columns: act-order needs --static-groups".into());
                 }
                 if let Some(o) = shape_overrides {

@@ -149,10 +149,11 @@ fn write_hf_export(out: &Path, inp: &ExportInputs<'_>, f: ExportFormat) -> Resul
     let mut config = crate::save::hf_config_json(inp.model.config());
     config["torch_dtype"] = json!("float16");
     let mut ex = HfExport::new(config);
+    let g = c.method.gptq_options().copied().unwrap_or_default();
     ex.gptq = GptqMeta {
-        damp_percent: c.damp.unwrap_or(0.01),
-        true_sequential: c.true_sequential,
-        static_groups: c.static_groups,
+        damp_percent: g.damp,
+        true_sequential: g.true_sequential,
+        static_groups: g.static_groups,
     };
     let mut unquantized = Vec::new();
     for l in inp.layers {

@@ -6,7 +6,7 @@ use quantlab_checkpoints::gguf::GgmlType;
 pub use quantlab_checkpoints::pack::gguf_blocks::{grid_of, is_k_type};
 use quantlab_grids::FormatSpec;
 
-use crate::method::Method;
+use crate::method::{Method, MethodKind};
 use crate::{PipelineError, Result};
 
 /// The checkpoint layout `quantlab quantize` writes (`--format`).
@@ -427,7 +427,7 @@ impl ExportFormat {
     pub fn default_group_size(&self, m: Method) -> Option<i64> {
         match self {
             Self::Gguf(_) => Some(32),
-            Self::BnbNf4 | Self::BnbFp4 if m == Method::Gptq => Some(64),
+            Self::BnbNf4 | Self::BnbFp4 if m.kind() == MethodKind::Gptq => Some(64),
             _ => None,
         }
     }
@@ -438,8 +438,8 @@ impl ExportFormat {
     pub fn spec_override(&self, m: Method) -> Option<FormatSpec> {
         match self {
             Self::Gguf(f) => grid_of(k_fallback(f.ty)).map(FormatSpec::Ggml),
-            Self::BnbNf4 if m == Method::Gptq => Some(FormatSpec::Nf4),
-            Self::BnbFp4 if m == Method::Gptq => Some(FormatSpec::Fp4),
+            Self::BnbNf4 if m.kind() == MethodKind::Gptq => Some(FormatSpec::Nf4),
+            Self::BnbFp4 if m.kind() == MethodKind::Gptq => Some(FormatSpec::Fp4),
             _ => None,
         }
     }

@@ -284,10 +284,11 @@ pub fn dry_run_llama(job: &QuantizeJob) -> Result<DryRun> {
     // AWQ: the quantized re-run of every window, plus on the search subset one float pass
     // and 20 scale candidates, each about 1.5 passes' worth of the subset (the attention
     // and the MLP re-run from their stage; 2026-12-04 on SmolLM2)
-    let awq_frac = c.awq_samples.min(c.nsamples) as f64 / c.nsamples as f64;
+    let awq_samples = c.method.awq_options().map_or(0, |a| a.samples);
+    let awq_frac = awq_samples.min(c.nsamples) as f64 / c.nsamples as f64;
     let passes = if c.method.uses_awq() {
         1.0 + awq_frac * (1.0 + 20.0 * 1.5)
-    } else if c.method.needs_calibration() && c.true_sequential {
+    } else if c.method.true_sequential() {
         1.0 // one staged forward per block
     } else {
         2.0
@@ -359,6 +360,8 @@ pub fn quantization_config_json(
     kind: &str,
 ) -> Value {
     let c = &job.config;
+    // the file keeps every key for every method; GPTQ's are its defaults where it does not run
+    let gptq = c.method.gptq_options().copied().unwrap_or_default();
     let mut layers = serde_json::Map::new();
     for (lp, ql) in plan.layers.iter().zip(&out.layers) {
         let mut v = json!({
@@ -393,17 +396,17 @@ pub fn quantization_config_json(
         "bits": plan.bits,
         "group_size": plan.group_size,
         "sym": c.sym,
-        "act_order": c.act_order,
-        "static_groups": c.static_groups,
-        "damp_percent": c.damp.unwrap_or(0.01),
-        "block_size": c.block_size.unwrap_or(128),
-        "hessian_shrink": c.hessian_shrink,
+        "act_order": gptq.act_order,
+        "static_groups": gptq.static_groups,
+        "damp_percent": gptq.damp,
+        "block_size": gptq.block_size,
+        "hessian_shrink": gptq.hessian_shrink,
         "mse": c.mse,
-        "true_sequential": c.true_sequential,
-        "double_quant": c.double_quant,
-        "int8_threshold": if c.method == crate::method::Method::Int8 { json!(c.int8_threshold.unwrap_or(6.0)) } else { Value::Null },
-        "awq_samples": if c.method.uses_awq() { json!(c.awq_samples) } else { Value::Null },
-        "awq_fold_only": c.awq_fold_only,
+        "true_sequential": gptq.true_sequential,
+        "double_quant": c.method.double_quant(),
+        "int8_threshold": c.method.int8_threshold(),
+        "awq_samples": c.method.awq_options().map(|a| a.samples),
+        "awq_fold_only": c.method.awq_options().is_some_and(|a| a.fold_only),
         "skip": c.skip,
         "overrides": c.overrides,
         "calibration": calib,
@@ -436,6 +439,9 @@ pub fn run_llama(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quant
 
     let t0 = Instant::now();
     let mut src = SourceModel::load_with(&job.model, c.lazy)?;
+    if let Some(r) = &c.rotate {
+        src.rotate(r.kind, r.seed)?;
+    }
     jt.load = t0.elapsed().as_secs_f64();
 
     let t0 = Instant::now();
@@ -611,7 +617,7 @@ impl QuantizeReport {
             bits: plan.bits,
             group_size: plan.group_size,
             sym: c.sym,
-            act_order: c.act_order,
+            act_order: c.method.gptq_options().is_some_and(|g| g.act_order),
             bits_per_weight: bits_linear / n_linear.max(1) as f64,
             size_bytes: (bits_linear / 8.0).ceil() as u64 + 2 * others,
             size_bytes_f16: 2 * (n_linear + others),

@@ -17,16 +17,19 @@
 //! * [`job`]: `quantlab quantize` on a LLaMA-family model; [`run`] and [`dry_run`] (here)
 //!   dispatch a job to it or to [`bert`];
 //! * [`tensors`]: tensor <-> ndarray conversions; [`bench`]: `quantlab bench quantize`;
+//! * [`method`]: the methods, each with its own parameters ([`Method`], [`GptqOptions`], ...);
 //! * [`report`]: per-layer and total figures;
 //! * [`bert`]: the same recipe on BERT encoders (sentence-transformers directories).
 //!
 //! From a notebook, with the model already loaded:
 //!
 //! ```no_run
-//! use quantlab_pipeline::{calib, driver, source::SourceModel, Method, QuantizeConfig};
+//! use quantlab_pipeline::{calib, driver, source::SourceModel, GptqOptions, Method, QuantizeConfig};
 //! # fn main() -> quantlab_pipeline::Result<()> {
 //! let mut src = SourceModel::load("SmolLM2-135M-Instruct.Q4_1.gguf".as_ref())?;
-//! let cfg = QuantizeConfig { method: Method::Gptq, bits: Some(4), nsamples: 32, ..Default::default() };
+//! // the method carries its own parameters
+//! let gptq = GptqOptions { act_order: true, ..Default::default() };
+//! let cfg = QuantizeConfig { method: Method::Gptq(gptq), bits: Some(4), nsamples: 32, ..Default::default() };
 //! let plan = cfg.plan(src.model.config())?;
 //! let texts = calib::Calibration::Texts(vec!["Some prose to calibrate on ...".into()]);
 //! let windows = calib::calibration_windows(&src.tokenizer, &texts, cfg.nsamples, cfg.seqlen, cfg.seed)?;
@@ -53,11 +56,12 @@ pub mod source;
 pub mod tensors;
 
 pub use calib::Calibration;
-pub use config::{LayerPlan, Method, Override, Plan, QuantizeConfig};
+pub use config::{LayerPlan, Override, Plan, QuantizeConfig, Rotation};
 pub use driver::{quantize_model, Control, DriverOutput, LayerReport, QuantizedLayer, Timings};
 pub use error::{PipelineError, Result};
 pub use export::ExportFormat;
 pub use job::{prepare, DryRun, EvalSpec, QuantizeJob};
+pub use method::{AwqOptions, CodebookOptions, GptqOptions, Int8Options, Method, MethodKind};
 pub use report::QuantizeReport;
 pub use save::{load_quantized, save_quantized, QuantizedCheckpoint};
 

@@ -253,6 +253,49 @@ impl SourceModel {
     }
 }
 
+impl SourceModel {
+    /// Rotates the model ([`quantlab_models::rotate::rotate_model`]: norms folded, R1 on
+    /// the residual stream, R2 on each head's values) and brings [`SourceModel::others`] in
+    /// line with it: the rotated embeddings, unit norms, the output head as its own
+    /// `lm_head.weight`, and the rotated biases, so every export writes the rotated model.
+    pub fn rotate(
+        &mut self,
+        kind: quantlab_models::rotate::RotationKind,
+        seed: u64,
+    ) -> Result<quantlab_models::rotate::RotationFacts> {
+        let facts = quantlab_models::rotate::rotate_model(&mut self.model, kind, seed)?;
+        let m = &self.model;
+        let fmt_err = |name: &str, e: candle_core::Error| PipelineError::Format {
+            path: name.to_string(),
+            detail: e.to_string(),
+        };
+        self.others
+            .insert("model.embed_tokens.weight".into(), m.embed_weight().clone());
+        for (name, v) in m.norm_weights() {
+            let t = Tensor::from_vec(v.clone(), v.len(), &candle_core::Device::Cpu)
+                .map_err(|e| fmt_err(&name, e))?;
+            self.others.insert(name, t);
+        }
+        self.others
+            .insert("lm_head.weight".into(), m.linear("lm_head")?.weight()?);
+        let biases: Vec<String> = self
+            .others
+            .keys()
+            .filter(|n| n.ends_with(".bias"))
+            .cloned()
+            .collect();
+        for name in biases {
+            let lin = name.strip_suffix(".bias").unwrap_or(&name);
+            if let Ok(l) = m.linear(lin) {
+                if let Some(b) = l.bias() {
+                    self.others.insert(name, b);
+                }
+            }
+        }
+        Ok(facts)
+    }
+}
+
 /// Whether `path` is a directory whose `config.json` describes a BERT model
 /// (`model_type: "bert"` or a `Bert*` architecture).
 pub fn is_bert_dir(path: &Path) -> bool {

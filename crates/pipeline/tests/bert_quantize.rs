@@ -54,7 +54,7 @@ fn minilm_gptq_equals_the_layer_solver_on_the_checkpoints_own_inputs() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("minilm-gptq");
-    let cfg = config(Method::Gptq, 4);
+    let cfg = config(Method::gptq(), 4);
     let mut job = QuantizeJob::new(&src, cfg.clone());
     job.out = Some(out.clone());
     job.eval = Some(EvalSpec {
@@ -154,11 +154,11 @@ fn minilm_options_that_do_not_fit_are_refused_before_any_work() {
         println!("SKIPPED minilm errors: no MiniLM in the cache (run `quantlab fetch minilm`)");
         return;
     };
-    let e = run(&QuantizeJob::new(&src, config(Method::Awq, 4)), None).unwrap_err();
+    let e = run(&QuantizeJob::new(&src, config(Method::awq(), 4)), None).unwrap_err();
     assert!(e.to_string().contains("BERT"), "{e}");
     let nf4 = QuantizeConfig {
         group_size: Some(100),
-        ..config(Method::Nf4, 4)
+        ..config(Method::nf4(), 4)
     };
     let e = run(&QuantizeJob::new(&src, nf4), None).unwrap_err();
     assert!(e.to_string().contains("encoder.layer.0"), "{e}");

@@ -25,7 +25,7 @@ fn data_free_rtn_equals_rtn_of_each_weight_and_reports_weight_error() {
             FormatSpec::Uniform(UniformGrid::new(4, true).unwrap()),
             Granularity::Group(32),
         ),
-        (Method::Nf4, FormatSpec::Nf4, Granularity::Group(64)),
+        (Method::nf4(), FormatSpec::Nf4, Granularity::Group(64)),
     ] {
         let mut src = SourceModel::load(dir.path()).unwrap();
         let cfg = QuantizeConfig {
@@ -118,7 +118,7 @@ fn calibrated_rtn_measures_on_inputs_and_imatrix_needs_calibration() {
 fn gptq_and_awq_refuse_no_calibration() {
     let dir = tmpdir("nocalib");
     write_tiny(dir.path(), 2, 96, 13);
-    for m in [Method::Gptq, Method::Awq, Method::AwqGptq] {
+    for m in [Method::gptq(), Method::awq(), Method::awq_gptq()] {
         let mut job = QuantizeJob::new(
             dir.path(),
             QuantizeConfig {
@@ -180,7 +180,7 @@ fn bench_quantize_times_a_synthetic_model_and_removes_its_output() {
         .map(|e| e.path())
         .collect();
     let cfg = QuantizeConfig {
-        method: Method::Gptq,
+        method: Method::gptq(),
         group_size: Some(32),
         nsamples: 4,
         seqlen: 32,

@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 use quantlab_checkpoints::export::read::read_quantized_dir;
 use quantlab_checkpoints::gguf::{GgmlType, GgufFile};
 use quantlab_checkpoints::pack::gguf_blocks;
+use quantlab_models::rotate::RotationKind;
 use quantlab_models::{perplexity_of_file, LlamaTokenizer, PplParams};
 use quantlab_pipeline::export::load_model;
 use quantlab_pipeline::{
-    prepare, run, Calibration, EvalSpec, ExportFormat, Method, QuantizeConfig, QuantizeJob,
-    QuantizeReport,
+    prepare, run, Calibration, CodebookOptions, EvalSpec, ExportFormat, GptqOptions, Method,
+    QuantizeConfig, QuantizeJob, QuantizeReport, Rotation,
 };
 use support::*;
 
@@ -27,14 +28,25 @@ const INTER: usize = 256;
 const CTX: usize = 64;
 const WINDOWS: usize = 4;
 
-fn cfg(method: Method, format: &str) -> QuantizeConfig {
+/// GPTQ with act-order (and static groups when asked).
+fn gptq_ao(static_groups: bool) -> Method {
+    Method::Gptq(GptqOptions {
+        act_order: true,
+        static_groups,
+        ..Default::default()
+    })
+}
+
+fn cfg(mut method: Method, format: &str) -> QuantizeConfig {
+    if let Method::Awq(a) | Method::AwqGptq(a, _) = &mut method {
+        a.samples = 4;
+    }
     QuantizeConfig {
         method,
         format: ExportFormat::parse(format).unwrap(),
         nsamples: 8,
         seqlen: 48,
         batch_size: 4,
-        awq_samples: 4,
         ..Default::default()
     }
 }
@@ -190,12 +202,12 @@ fn run_ok(j: &QuantizeJob) -> QuantizeReport {
 fn gguf_legacy_types_equal_the_in_memory_model_and_the_gguf_package() {
     let f = fixture("gguf-legacy", 2);
     let cases = [
-        (Method::Gptq, "gguf:q4_0", 2u32),
+        (Method::gptq(), "gguf:q4_0", 2u32),
         (Method::Rtn, "gguf:q4_0", 2),
-        (Method::Gptq, "gguf:q4_1", 3),
-        (Method::Gptq, "gguf:q5_0", 8),
-        (Method::Gptq, "gguf:q5_1", 9),
-        (Method::Gptq, "gguf:q8_0", 7),
+        (Method::gptq(), "gguf:q4_1", 3),
+        (Method::gptq(), "gguf:q5_0", 8),
+        (Method::gptq(), "gguf:q5_1", 9),
+        (Method::gptq(), "gguf:q8_0", 7),
     ];
     let mut ppl = Vec::new();
     for (m, fmt, ftype) in cases {
@@ -256,23 +268,19 @@ fn gguf_legacy_types_equal_the_in_memory_model_and_the_gguf_package() {
 #[test]
 fn gguf_k_types_fall_back_on_short_rows_and_write_k_blocks_on_whole_super_blocks() {
     let f = fixture("gguf-k", 2);
-    let ao = |m: Method, fmt: &str| QuantizeConfig {
-        act_order: true,
-        static_groups: true,
-        ..cfg(m, fmt)
-    };
+    let ao = |fmt: &str| cfg(gptq_ao(true), fmt);
     for (fmt, fallback, ftype, c) in [
         (
             "gguf:q4_k",
             GgmlType::Q5_0,
             14u32,
-            cfg(Method::Gptq, "gguf:q4_k"),
+            cfg(Method::gptq(), "gguf:q4_k"),
         ),
         (
             "gguf:q6_k",
             GgmlType::Q8_0,
             18,
-            cfg(Method::Gptq, "gguf:q6_k"),
+            cfg(Method::gptq(), "gguf:q6_k"),
         ),
         (
             // --pure: llama.cpp's Q2_K mix would raise attn_v / attn_output / ffn_down to
@@ -282,7 +290,7 @@ fn gguf_k_types_fall_back_on_short_rows_and_write_k_blocks_on_whole_super_blocks
             10,
             QuantizeConfig {
                 format: ExportFormat::parse("gguf:q2_k").unwrap().pure().unwrap(),
-                ..cfg(Method::Gptq, "gguf:q2_k")
+                ..cfg(Method::gptq(), "gguf:q2_k")
             },
         ),
         (
@@ -296,20 +304,15 @@ fn gguf_k_types_fall_back_on_short_rows_and_write_k_blocks_on_whole_super_blocks
             "gguf:iq4_xs",
             GgmlType::IQ4_NL,
             30,
-            cfg(Method::Gptq, "gguf:iq4_xs"),
+            cfg(Method::gptq(), "gguf:iq4_xs"),
         ),
         (
             "gguf:q5_k",
             GgmlType::Q5_1,
             16,
-            cfg(Method::Gptq, "gguf:q5_k"),
+            cfg(Method::gptq(), "gguf:q5_k"),
         ),
-        (
-            "gguf:q4_k",
-            GgmlType::Q5_0,
-            14,
-            ao(Method::Gptq, "gguf:q4_k"),
-        ),
+        ("gguf:q4_k", GgmlType::Q5_0, 14, ao("gguf:q4_k")),
         (
             "gguf:q6_k",
             GgmlType::Q8_0,
@@ -321,7 +324,11 @@ fn gguf_k_types_fall_back_on_short_rows_and_write_k_blocks_on_whole_super_blocks
             "{}-{}{}.gguf",
             &fmt[5..],
             c.method,
-            if c.act_order { "-ao" } else { "" }
+            if c.method.gptq_options().is_some_and(|g| g.act_order) {
+                "-ao"
+            } else {
+                ""
+            }
         ));
         let r = run_ok(&job(&f, &f.model, &out, c.clone()));
         let ty = ExportFormat::parse(fmt).unwrap().gguf_type().unwrap();
@@ -392,9 +399,9 @@ fn gguf_from_a_gguf_source_keeps_its_metadata_and_tokenizer() {
     assert_eq!(a, b);
     // quantize that file: metadata copied from the source GGUF
     let out = f.root.join("from-gguf-q4_0.gguf");
-    let r = run_ok(&job(&f, &f32_file, &out, cfg(Method::Gptq, "gguf:q4_0")));
+    let r = run_ok(&job(&f, &f32_file, &out, cfg(Method::gptq(), "gguf:q4_0")));
     assert!(rel(ppl_of(&f, &out), r.ppl_after.unwrap()) < 0.05);
-    assert_blocks_equal_driver(&f32_file, &out, &cfg(Method::Gptq, "gguf:q4_0"));
+    assert_blocks_equal_driver(&f32_file, &out, &cfg(Method::gptq(), "gguf:q4_0"));
     let g = GgufFile::open(&out).unwrap();
     assert_eq!(g.get("general.file_type").unwrap().as_integer(), Some(2));
     assert_eq!(
@@ -461,45 +468,53 @@ fn hf_formats_read_back_like_the_in_memory_model_and_the_numpy_unpacker() {
         numpy,
     };
     let cases = vec![
-        c(Method::Gptq, "gptq", Some(4), Some(32), true),
+        c(Method::gptq(), "gptq", Some(4), Some(32), true),
         Case {
             act_order: true,
-            ..c(Method::Gptq, "gptq", Some(3), Some(32), true)
+            ..c(Method::gptq(), "gptq", Some(3), Some(32), true)
         },
-        c(Method::Gptq, "gptq", Some(2), Some(32), true),
-        c(Method::Gptq, "gptq", Some(8), Some(-1), true),
+        c(Method::gptq(), "gptq", Some(2), Some(32), true),
+        c(Method::gptq(), "gptq", Some(8), Some(-1), true),
         // ragged last group: 64 = 48 + 16, 256 = 5 * 48 + 16
-        c(Method::Gptq, "gptq", Some(4), Some(48), true),
+        c(Method::gptq(), "gptq", Some(4), Some(48), true),
         Case {
             sym: false,
             ..c(Method::Rtn, "gptq_v2", Some(4), Some(32), true)
         },
         Case {
             sym: false,
-            ..c(Method::Gptq, "gptq_v2", Some(3), Some(64), true)
+            ..c(Method::gptq(), "gptq_v2", Some(3), Some(64), true)
         },
-        c(Method::Awq, "awq", Some(4), Some(32), true),
+        c(Method::awq(), "awq", Some(4), Some(32), true),
         Case {
             sym: false,
-            ..c(Method::Gptq, "awq", Some(4), Some(64), true)
+            ..c(Method::gptq(), "awq", Some(4), Some(64), true)
         },
         Case {
             double_quant: true,
-            ..c(Method::Nf4, "bnb-nf4", None, None, false)
+            ..c(Method::nf4(), "bnb-nf4", None, None, false)
         },
-        c(Method::Fp4, "bnb-fp4", None, None, false),
-        c(Method::Gptq, "bnb-nf4", None, None, false),
-        c(Method::Int8, "bnb-int8", None, None, false),
+        c(Method::fp4(), "bnb-fp4", None, None, false),
+        c(Method::gptq(), "bnb-nf4", None, None, false),
+        c(Method::int8(), "bnb-int8", None, None, false),
     ];
     for (i, k) in cases.iter().enumerate() {
         let out = f.root.join(format!("hf-{i}-{}", k.format));
+        let method = match k.method {
+            Method::Gptq(g) => Method::Gptq(GptqOptions {
+                act_order: k.act_order,
+                ..g
+            }),
+            Method::Nf4(_) => Method::Nf4(CodebookOptions {
+                double_quant: k.double_quant,
+            }),
+            m => m,
+        };
         let conf = QuantizeConfig {
             bits: k.bits,
             group_size: k.group,
             sym: k.sym,
-            act_order: k.act_order,
-            double_quant: k.double_quant,
-            ..cfg(k.method, k.format)
+            ..cfg(method, k.format)
         };
         let r = run_ok(&job(&f, &f.model, &out, conf));
         for file in [
@@ -559,41 +574,35 @@ fn formats_that_cannot_hold_the_model_fail_before_work_and_write_nothing() {
     let j = |c: QuantizeConfig| job(&f, &f.model, &out, c);
     let e = err_of(&j(QuantizeConfig {
         sym: false,
-        ..cfg(Method::Gptq, "gptq")
+        ..cfg(Method::gptq(), "gptq")
     }));
     assert!(e.contains("gptq_v2"), "{e}");
-    let e = err_of(&j(QuantizeConfig {
-        act_order: true,
-        ..cfg(Method::Gptq, "awq")
-    }));
+    let e = err_of(&j(cfg(gptq_ao(false), "awq")));
     assert!(e.contains("act-order"), "{e}");
     let e = err_of(&j(cfg(Method::Rtn, "bnb-nf4")));
     assert!(e.contains("--method nf4"), "{e}");
     let e = err_of(&j(QuantizeConfig {
         bits: Some(5),
-        ..cfg(Method::Gptq, "gguf:q4_0")
+        ..cfg(Method::gptq(), "gguf:q4_0")
     }));
     assert!(e.contains("bits"), "{e}");
-    let e = err_of(&j(cfg(Method::Awq, "gguf:q4_0")));
+    let e = err_of(&j(cfg(Method::awq(), "gguf:q4_0")));
     assert!(e.contains("rtn"), "{e}");
     let e = err_of(&j(QuantizeConfig {
         group_size: Some(64),
-        ..cfg(Method::Gptq, "gguf:q8_0")
+        ..cfg(Method::gptq(), "gguf:q8_0")
     }));
     assert!(e.contains("32"), "{e}");
-    let e = err_of(&j(QuantizeConfig {
-        act_order: true,
-        ..cfg(Method::Gptq, "gguf:q4_0")
-    }));
+    let e = err_of(&j(cfg(gptq_ao(false), "gguf:q4_0")));
     assert!(e.contains("static-groups"), "{e}");
     let e = err_of(&j(QuantizeConfig {
         bits: Some(5),
-        ..cfg(Method::Gptq, "gptq")
+        ..cfg(Method::gptq(), "gptq")
     }));
     assert!(e.contains("2, 3, 4 or 8"), "{e}");
     let e = err_of(&j(QuantizeConfig {
         group_size: Some(48),
-        ..cfg(Method::Awq, "awq")
+        ..cfg(Method::awq(), "awq")
     }));
     assert!(e.contains("q_proj") && e.contains("group"), "{e}");
     assert!(ExportFormat::parse("gguf:q9_0")
@@ -605,7 +614,7 @@ fn formats_that_cannot_hold_the_model_fail_before_work_and_write_nothing() {
     // one KV head: k_proj / v_proj have 16 rows, which GPTQ kernels cannot take
     let g = fixture("bad-kv1", 1);
     let out = g.root.join("out");
-    let e = err_of(&job(&g, &g.model, &out, cfg(Method::Gptq, "gptq")));
+    let e = err_of(&job(&g, &g.model, &out, cfg(Method::gptq(), "gptq")));
     assert!(e.contains("k_proj") && e.contains("32"), "{e}");
 }
 
@@ -630,7 +639,7 @@ fn truncated_files_and_wrong_dtypes_give_errors_naming_the_file_and_tensor() {
 
     // a GPTQ directory whose qweight is float32
     let dir = f.root.join("gptq");
-    run_ok(&job(&f, &f.model, &dir, cfg(Method::Gptq, "gptq")));
+    run_ok(&job(&f, &f.model, &dir, cfg(Method::gptq(), "gptq")));
     let p = dir.join("model.safetensors");
     let raw = std::fs::read(&p).unwrap();
     let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
@@ -669,7 +678,7 @@ fn gguf_q4_k_m_writes_llama_cpps_per_tensor_types_each_from_gptq_on_its_own_grid
     let f = fixture("gguf-mix", 2);
     let out = f.root.join("q4_k_m.gguf");
     // case-insensitive, as llama-quantize's type names
-    let c = cfg(Method::Gptq, "gguf:Q4_K_M");
+    let c = cfg(Method::gptq(), "gguf:Q4_K_M");
     let r = run_ok(&job(&f, &f.model, &out, c.clone()));
     // 2 blocks: use_more_bits(1, 2) raises block 1's attn_v (Q6_K, rows of 64 -> Q8_0) and
     // ffn_down (Q6_K, rows of 256); everything else is Q4_K, on rows of 64 its fallback Q5_0
@@ -700,5 +709,43 @@ fn gguf_q4_k_m_writes_llama_cpps_per_tensor_types_each_from_gptq_on_its_own_grid
     assert!(rel(back, r.ppl_after.unwrap()) < 0.05);
     if let Some(fields) = check_with_gguf_package(&out) {
         assert_eq!(fields["general.file_type"], 15u32);
+    }
+}
+
+/// `rotate` (`--rotate`, issue 15 item 4): the rotated model is written as a plain LLaMA
+/// (norms folded, its output head untied) that our loader reads like any other. Unquantized
+/// (`gguf:f32`) it has the source's perplexity; quantized (GPTQ into the GPTQ checkpoint and
+/// into our own format), each file reads back as the in-memory model. Hadamard (64 = 2^6)
+/// and random orthogonal.
+#[test]
+fn rotated_models_are_written_as_plain_llamas_that_compute_the_same_function() {
+    let f = fixture("rotate", 2);
+    for kind in [RotationKind::Hadamard, RotationKind::Random] {
+        let rotate = Some(Rotation { kind, seed: 5 });
+        let out = f.root.join(format!("{}-f32.gguf", kind.name()));
+        let c = QuantizeConfig {
+            rotate,
+            ..cfg(Method::Rtn, "gguf:f32")
+        };
+        let r = run_ok(&job(&f, &f.model, &out, c));
+        let (src, back) = (r.ppl_before.unwrap(), ppl_of(&f, &out));
+        assert!(
+            rel(back, src) < 1e-5,
+            "{kind:?}: rotated f32 file ppl {back} vs source {src}"
+        );
+        for fmt in ["gptq", "quantlab"] {
+            let out = f.root.join(format!("{}-{fmt}", kind.name()));
+            let c = QuantizeConfig {
+                rotate,
+                ..cfg(Method::gptq(), fmt)
+            };
+            let r = run_ok(&job(&f, &f.model, &out, c));
+            let (after, back) = (r.ppl_after.unwrap(), ppl_of(&f, &out));
+            // f16 scales (and f16 embeddings in the GPTQ checkpoint)
+            assert!(
+                rel(back, after) < 5e-3,
+                "{kind:?} {fmt}: read back {back} vs in memory {after}"
+            );
+        }
     }
 }

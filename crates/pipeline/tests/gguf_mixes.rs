@@ -68,7 +68,7 @@ fn every_block_linear_gets_llama_quantizes_type_for_each_k_quant_mix() {
         let want = &oracle[&name.to_ascii_uppercase()];
         let fmt = ExportFormat::parse(&format!("gguf:{}", name.to_ascii_uppercase())).unwrap();
         let c = QuantizeConfig {
-            method: Method::Gptq,
+            method: Method::gptq(),
             format: fmt,
             ..Default::default()
         };
@@ -107,7 +107,7 @@ fn pure_gives_every_linear_the_base_type_and_the_mixes_are_not_vacuous() {
     let mc = smollm2();
     let types = |fmt: ExportFormat| {
         let c = QuantizeConfig {
-            method: Method::Gptq,
+            method: Method::gptq(),
             format: fmt,
             ..Default::default()
         };

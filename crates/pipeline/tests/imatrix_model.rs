@@ -126,7 +126,7 @@ fn imatrix_option_is_refused_where_it_has_no_meaning() {
     };
     base.validate().unwrap();
     let gptq = QuantizeConfig {
-        method: Method::Gptq,
+        method: Method::gptq(),
         ..base.clone()
     };
     let e = gptq.validate().unwrap_err().to_string();

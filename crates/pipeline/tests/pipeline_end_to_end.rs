@@ -12,7 +12,8 @@ use quantlab_pipeline::driver::{to_array, to_tensor};
 use quantlab_pipeline::save::{load_quantized, save_quantized, SaveInputs};
 use quantlab_pipeline::source::SourceModel;
 use quantlab_pipeline::{
-    dry_run, run, Calibration, EvalSpec, Method, Override, QuantizeConfig, QuantizeJob,
+    dry_run, run, AwqOptions, Calibration, CodebookOptions, EvalSpec, GptqOptions, Int8Options,
+    Method, Override, QuantizeConfig, QuantizeJob,
 };
 use quantlab_solvers::gptq::{gptq, GptqParams};
 use quantlab_solvers::hessian::{Counting, Hessian};
@@ -44,7 +45,10 @@ fn max_abs_diff(a: &Array2<f32>, b: &Array2<f32>) -> f32 {
         .fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
 
-fn cfg(method: Method) -> QuantizeConfig {
+fn cfg(mut method: Method) -> QuantizeConfig {
+    if let Method::Awq(a) | Method::AwqGptq(a, _) = &mut method {
+        a.samples = 4;
+    }
     QuantizeConfig {
         method,
         bits: None,
@@ -52,7 +56,6 @@ fn cfg(method: Method) -> QuantizeConfig {
         nsamples: 8,
         seqlen: 48,
         batch_size: 3,
-        awq_samples: 4,
         ..Default::default()
     }
 }
@@ -101,10 +104,10 @@ fn pipeline_gptq_save_load_roundtrip() {
     let model_dir = tmp.path().join("tiny");
     write_tiny(&model_dir, 2, 1);
     let out = tmp.path().join("q");
-    let c = QuantizeConfig {
+    let c = cfg(Method::Gptq(GptqOptions {
         act_order: true,
-        ..cfg(Method::Gptq)
-    };
+        ..Default::default()
+    }));
     let (src, o) = quantize_and_save(&model_dir, &out, &c);
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250) as u32).collect();
     let mem = logits(&src.model, &tokens);
@@ -152,7 +155,7 @@ fn pipeline_gptq_equals_layer_solver_on_every_block() {
     let tmp = tmpdir("eq");
     let model_dir = tmp.path().join("tiny");
     write_tiny(&model_dir, 2, 2);
-    let c = cfg(Method::Gptq);
+    let c = cfg(Method::gptq());
     let InMemory {
         windows, out: o, ..
     } = quantize_in_memory(&model_dir, &c, false);
@@ -224,10 +227,10 @@ fn pipeline_awq_fold_keeps_outputs() {
         let model_dir = tmp.path().join("tiny");
         write_tiny(&model_dir, kv, 3);
         let out = tmp.path().join("q");
-        let c = QuantizeConfig {
-            awq_fold_only: true,
-            ..cfg(Method::Awq)
-        };
+        let c = cfg(Method::Awq(AwqOptions {
+            fold_only: true,
+            ..Default::default()
+        }));
         let (_src, o) = quantize_and_save(&model_dir, &out, &c);
         let tokens: Vec<u32> = (0..40).map(|i| (i * 53 % 250) as u32).collect();
         let orig_model = LlamaModel::load(&model_dir).unwrap();
@@ -284,7 +287,7 @@ fn pipeline_awq_quantized_roundtrip() {
     let model_dir = tmp.path().join("tiny");
     write_tiny(&model_dir, 2, 4);
     let out = tmp.path().join("q");
-    let (src, o) = quantize_and_save(&model_dir, &out, &cfg(Method::Awq));
+    let (src, o) = quantize_and_save(&model_dir, &out, &cfg(Method::awq()));
     let tokens: Vec<u32> = (0..40).map(|i| (i * 29 % 250) as u32).collect();
     let mem = logits(&src.model, &tokens);
     let ck = load_quantized(&out).unwrap();
@@ -353,13 +356,16 @@ fn pipeline_codebook_and_float_formats() {
     write_tiny(&model_dir, 2, 6);
     let orig = LlamaModel::load(&model_dir).unwrap();
     for (m, dq, g) in [
-        (Method::Nf4, true, Some(32)),
-        (Method::Int8, false, None),
+        (Method::nf4(), true, Some(32)),
+        (Method::int8(), false, None),
         (Method::Fp8, false, None),
     ] {
         let out = tmp.path().join(m.name());
+        let m = match m {
+            Method::Nf4(_) => Method::Nf4(CodebookOptions { double_quant: dq }),
+            m => m,
+        };
         let c = QuantizeConfig {
-            double_quant: dq,
             group_size: g,
             ..cfg(m)
         };
@@ -395,7 +401,7 @@ fn pipeline_job_report_and_determinism() {
         config: QuantizeConfig {
             skip: vec!["layers.1.mlp.down_proj".into()],
             overrides: vec![Override::parse("model.layers.*.self_attn.q_proj:bits=8").unwrap()],
-            ..cfg(Method::Gptq)
+            ..cfg(Method::gptq())
         },
         calibration: Calibration::File {
             path: calib.clone(),
@@ -544,7 +550,7 @@ fn pipeline_errors_before_work() {
     std::fs::write(&txt, "hello").unwrap();
     let e = err(QuantizeJob {
         model: txt.clone(),
-        ..job(cfg(Method::Gptq))
+        ..job(cfg(Method::gptq()))
     });
     assert!(
         e.contains("is not a model") && e.contains("notes.txt"),
@@ -552,7 +558,7 @@ fn pipeline_errors_before_work() {
     );
     let e = err(QuantizeJob {
         model: tmp.path().to_path_buf(),
-        ..job(cfg(Method::Gptq))
+        ..job(cfg(Method::gptq()))
     });
     assert!(e.contains("config.json"), "{e}");
     // unknown method
@@ -560,28 +566,38 @@ fn pipeline_errors_before_work() {
         .unwrap_err()
         .to_string()
         .contains("unknown method"));
-    // act-order with a method that cannot use it
+    // a method's parameters are checked by name
+    let e = err(job(cfg(Method::Gptq(GptqOptions {
+        damp: -0.5,
+        ..Default::default()
+    }))));
+    assert!(e.contains("--damp") && e.contains("-0.5"), "{e}");
+    let e = err(job(cfg(Method::Int8(Int8Options { threshold: 0.0 }))));
+    assert!(e.contains("--int8-threshold"), "{e}");
     let e = err(job(QuantizeConfig {
-        act_order: true,
+        method: Method::Awq(AwqOptions {
+            samples: 0,
+            ..Default::default()
+        }),
         ..cfg(Method::Rtn)
     }));
-    assert!(e.contains("--act-order") && e.contains("rtn"), "{e}");
+    assert!(e.contains("--awq-samples"), "{e}");
     // bits the method does not support
     let e = err(job(QuantizeConfig {
         bits: Some(3),
-        ..cfg(Method::Nf4)
+        ..cfg(Method::nf4())
     }));
     assert!(e.contains("--bits") && e.contains("nf4"), "{e}");
     let e = err(job(QuantizeConfig {
         bits: Some(9),
-        ..cfg(Method::Gptq)
+        ..cfg(Method::gptq())
     }));
     assert!(e.contains("--bits"), "{e}");
     // a group size not dividing the columns (96 of down's input): integer grids take a short
     // last group, bitsandbytes' flat blocks cannot
     let e = err(job(QuantizeConfig {
         group_size: Some(64),
-        ..cfg(Method::Nf4)
+        ..cfg(Method::nf4())
     }));
     assert!(
         e.contains("--group-size") && e.contains("down_proj") && e.contains("96"),
@@ -590,7 +606,7 @@ fn pipeline_errors_before_work() {
     // int8 takes no groups, fp8 no asym, double quant only for nf4/fp4
     assert!(err(job(QuantizeConfig {
         group_size: Some(32),
-        ..cfg(Method::Int8)
+        ..cfg(Method::int8())
     }))
     .contains("--group-size"));
     assert!(err(job(QuantizeConfig {
@@ -598,21 +614,16 @@ fn pipeline_errors_before_work() {
         ..cfg(Method::Fp8)
     }))
     .contains("--asym"));
-    assert!(err(job(QuantizeConfig {
-        double_quant: true,
-        ..cfg(Method::Gptq)
-    }))
-    .contains("--double-quant"));
     // a skip pattern that matches nothing; a malformed override
     assert!(err(job(QuantizeConfig {
         skip: vec!["lm_head".into()],
-        ..cfg(Method::Gptq)
+        ..cfg(Method::gptq())
     }))
     .contains("matches no linear"));
     assert!(Override::parse("down_proj").is_err());
     // an interrupted run (the Ctrl-C flag already set) stops and writes nothing
     let stop = std::sync::atomic::AtomicBool::new(true);
-    let e = run(&job(cfg(Method::Gptq)), Some(&stop))
+    let e = run(&job(cfg(Method::gptq())), Some(&stop))
         .unwrap_err()
         .to_string();
     assert!(e.contains("interrupted"), "{e}");
@@ -625,7 +636,7 @@ fn pipeline_errors_before_work() {
             path: short,
             field: None,
         },
-        ..job(cfg(Method::Gptq))
+        ..job(cfg(Method::gptq()))
     });
     assert!(e.contains("fewer than one window"), "{e}");
     assert!(!out.exists());
@@ -653,7 +664,7 @@ fn lazy_loading_gives_the_same_model() {
     let model_dir = tmp.path().join("tiny");
     write_tiny(&model_dir, 1, 7);
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 200) as u32 + 10).collect();
-    for method in [Method::Gptq, Method::Rtn, Method::AwqGptq] {
+    for method in [Method::gptq(), Method::Rtn, Method::awq_gptq()] {
         let mut c = cfg(method);
         c.skip = vec!["model.layers.1.mlp.up_proj".into()];
         let run_mode = |lazy: bool| {
@@ -678,7 +689,7 @@ fn lazy_loading_gives_the_same_model() {
             let kind = lazy.model.linear(&a.name).unwrap().kind();
             let want = match (&a.linear, method) {
                 (Some(_), _) => "codes",
-                (None, Method::AwqGptq) => "dense",
+                (None, Method::AwqGptq(..)) => "dense",
                 (None, _) => "lazy",
             };
             assert_eq!(kind, want, "{method:?} {}", a.name);
@@ -735,7 +746,7 @@ fn awq_staged_search_equals_whole_block_search() {
     let tmp = tmpdir("awqs");
     let model_dir = tmp.path().join("tiny");
     write_tiny(&model_dir, 2, 6);
-    let c = cfg(Method::Awq);
+    let c = cfg(Method::awq());
     let InMemory {
         plan,
         windows,
@@ -752,7 +763,7 @@ fn awq_staged_search_equals_whole_block_search() {
         .collect();
     // the first awq_samples windows
     let mut subset = Vec::new();
-    let mut left = c.awq_samples;
+    let mut left = c.method.awq_options().unwrap().samples;
     for h in &inps {
         let take = h.dims()[0].min(left);
         if take > 0 {

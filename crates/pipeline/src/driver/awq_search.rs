@@ -16,6 +16,7 @@ use quantlab_solvers::rel_output_error;
 use super::stages::*;
 use crate::config::{LayerPlan, Method, QuantizeConfig};
 use crate::error::TensorContext;
+use crate::method::AwqOptions;
 use crate::report::{LayerReport, QuantizedLayer, Timings};
 use crate::{PipelineError, Result};
 
@@ -53,7 +54,8 @@ pub(super) fn awq_block(
 ) -> Result<Option<Vec<Tensor>>> {
     let cfgm = model.config().clone();
     let gqa = cfgm.num_key_value_heads != cfgm.num_attention_heads;
-    let subset = first_windows(inps, cfg.awq_samples)?;
+    let awq = awq_options(cfg);
+    let subset = first_windows(inps, awq.samples)?;
     let sub_b: Vec<usize> = subset.iter().map(|h| h.dims()[0]).collect();
     // the clip search sees about 512 rows of the subset (AutoAWQ's n_sample_token)
     let sub_rows: usize = subset.iter().map(|h| h.dims()[0] * h.dims()[1]).sum();
@@ -255,7 +257,7 @@ pub(super) fn awq_block(
         })
         .collect();
     let next;
-    if cfg.method == Method::AwqGptq && !cfg.awq_fold_only {
+    if matches!(cfg.method, Method::AwqGptq(..)) && !awq_options(cfg).fold_only {
         // AWQ+GPTQ: put the scaled (still float, same function) block in memory, then GPTQ
         // true-sequentially on the scaled weights with Hessians captured as it goes
         let norm_s: Vec<Option<Array1<f32>>> = (0..7)
@@ -364,14 +366,14 @@ pub(super) fn awq_quantize(
         let secs;
         if lp.skip {
             secs = 0.0;
-        } else if cfg.awq_fold_only {
+        } else if awq_options(cfg).fold_only {
             secs = 0.0;
             bar.inc(1);
         } else {
             bar.set_message(format!("block {i}: {}", BLOCK_LINEARS[k]));
             let tc = Instant::now();
             let mut Wq = Ws[k].clone();
-            if cfg.method == Method::Awq && !matches!(k, Q | K) {
+            if matches!(cfg.method, Method::Awq(_)) && !matches!(k, Q | K) {
                 let format = lp.spec.build();
                 let c = awq::search_clip(Wq.view(), Hc.view(), format.as_ref(), &params_for(k))
                     .map_err(|e| PipelineError::solver(&lp.name, e))?;
@@ -415,4 +417,9 @@ pub(super) fn awq_quantize(
         ));
     }
     Ok(())
+}
+
+/// AWQ's parameters of the run (the driver calls this module only for the AWQ methods).
+fn awq_options(cfg: &QuantizeConfig) -> AwqOptions {
+    cfg.method.awq_options().copied().unwrap_or_default()
 }

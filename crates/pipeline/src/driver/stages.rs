@@ -263,10 +263,10 @@ pub(crate) fn solve(
     H: Option<ArrayView2<f32>>,
     imp: Option<&[f32]>,
 ) -> Result<(QuantizedLinear, SolveReport)> {
-    let (lin, rep) = if method.uses_gptq() {
+    let (lin, rep) = if let Some(g) = method.gptq_options() {
         let ggml = matches!(lp.spec, quantlab_grids::FormatSpec::Ggml(_));
         let p = GptqParams {
-            block_size: cfg.block_size.unwrap_or(128),
+            block_size: g.block_size,
             damp_percent: lp.damp,
             act_order: lp.act_order,
             static_groups: lp.static_groups,
@@ -373,7 +373,7 @@ pub(super) fn solve_block(
         bar: bar_layers,
         ctl,
     };
-    let sequential = cfg.true_sequential && cfg.method.needs_calibration();
+    let sequential = cfg.method.true_sequential();
     if !sequential {
         let all: Vec<usize> = (0..7).collect();
         let active: Vec<usize> = all.iter().copied().filter(|&k| !lps[k].skip).collect();
