@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod imatrix;
 pub mod inspect;
 pub mod pack;
+pub mod quantlab;
 pub mod safetensors_header;
 
 pub use error::{CheckpointError, Result};

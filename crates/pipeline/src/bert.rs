@@ -450,14 +450,15 @@ fn save_bert(
         }
         let dst = tmp.join("model.safetensors");
         candle_core::safetensors::save(&dense, &dst).ctx("writing model.safetensors")?;
-        let mut q: HashMap<String, Tensor> = HashMap::new();
-        for (name, lin) in quantized {
-            for (k, t) in crate::save::linear_tensors(lin)? {
-                q.insert(format!("{name}.{k}"), t);
-            }
-        }
+        let q: Vec<_> = quantized
+            .iter()
+            .flat_map(|(name, lin)| quantlab_checkpoints::quantlab::linear_tensors(name, lin, None))
+            .collect();
         let dst = tmp.join("quantized.safetensors");
-        candle_core::safetensors::save(&q, &dst).ctx("writing quantized.safetensors")?;
+        safetensors::serialize_to_file(q, None, &dst).map_err(|e| PipelineError::Format {
+            path: dst.display().to_string(),
+            detail: e.to_string(),
+        })?;
         let layers: Vec<Value> = plan
             .layers
             .iter()

@@ -19,6 +19,9 @@ pub enum PipelineError {
     /// An error from the model code (loading, forward, tokenizer).
     #[error(transparent)]
     Model(#[from] quantlab_models::ModelError),
+    /// An error from the checkpoint formats (reading or writing one), naming the file.
+    #[error(transparent)]
+    Checkpoint(#[from] quantlab_checkpoints::CheckpointError),
     /// A tensor operation failed.
     #[error("tensor operation failed in {context}: {detail}")]
     Tensor {

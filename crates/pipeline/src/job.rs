@@ -382,9 +382,8 @@ pub fn quantization_config_json(
             let o = v.as_object_mut().expect("object");
             o.insert("bits_per_weight".into(), q.bits_per_weight().into());
             o.insert("g_idx_trivial".into(), q.g_idx_is_trivial().into());
-            if let Some(n) = &q.nested {
-                o.insert("double_quant_blocksize".into(), n.blocksize.into());
-            }
+            // what the reader of the codes needs (quantlab_checkpoints::quantlab)
+            o.extend(quantlab_checkpoints::quantlab::layer_layout(q));
         }
         layers.insert(lp.name.clone(), v);
     }

@@ -6,13 +6,9 @@
 //! DIR/model.safetensors           every tensor, f32, Hugging Face names; block linears hold
 //!                                 their dequantized codes (AWQ: the scaled weight Q(W diag s),
 //!                                 with 1/s folded into the preceding RMSNorm weight)
-//! DIR/quantized.safetensors       per quantized linear NAME (e.g. model.layers.0.mlp.down_proj):
-//!                                 NAME.codes u8 [out, in] (original column order),
-//!                                 NAME.scales f32 [out, groups], NAME.zeros f32 [out, groups]
-//!                                 (zero points in code units), NAME.g_idx u32 [in],
-//!                                 NAME.awq_scale f32 [in] (AWQ: the input scale s),
-//!                                 NAME.dq_codes u8 / NAME.dq_absmax f32 / NAME.dq_offset f32 [1]
-//!                                 (double-quantized absmax)
+//! DIR/quantized.safetensors       the codes, scales, zeros, g_idx (and AWQ scale, double-
+//!                                 quantized absmax) of every quantized linear, in the layout
+//!                                 of quantlab_checkpoints::quantlab
 //! DIR/quantization_config.json    method, bits, group size, sym, act order, calibration facts,
 //!                                 quantlab version, the format and granularity of each linear
 //! DIR/tokenizer.json (+ tokenizer_config.json)
@@ -32,13 +28,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use ndarray::{Array1, Array2, Axis};
-use quantlab_grids::{FormatSpec, Granularity, NestedScales, QuantizedLinear};
+use quantlab_checkpoints::quantlab as stored_layout;
+use quantlab_grids::QuantizedLinear;
 use quantlab_models::{LlamaConfig, LlamaModel, LlamaTokenizer, RopeScaling};
 use safetensors::tensor::View;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 
-use crate::driver::{to_array, to_tensor, QuantizedLayer};
+use crate::driver::{to_array, QuantizedLayer};
 use crate::error::TensorContext;
 use crate::{PipelineError, Result};
 
@@ -423,24 +420,10 @@ fn write_all(dir: &Path, inp: &SaveInputs<'_>) -> Result<()> {
         };
         dense.push(computed(format!("{}.weight", l.name), shape, stored, &err));
         if let Some(q) = &l.linear {
-            let codes = move || Ok(q.codes.iter().copied().collect::<Vec<u8>>());
-            quant.push((
-                format!("{}.codes", l.name),
-                Streamed {
-                    dtype: Dtype::U8,
-                    shape: vec![q.shape().0, q.shape().1],
-                    make: Box::new(codes),
-                    err: &err,
-                },
-            ));
-            for (k, t) in linear_params(q)? {
-                quant.push(ready(&format!("{}.{k}", l.name), t, &err)?);
+            let awq = l.input_scale.as_ref().map(|s| s.to_vec());
+            for (name, t) in stored_layout::linear_tensors(&l.name, q, awq.as_deref()) {
+                quant.push((name, streamed(t, &err)));
             }
-        }
-        if let (Some(s), Some(_)) = (&l.input_scale, &l.linear) {
-            let t = Tensor::from_slice(s.as_slice().expect("contiguous"), s.len(), &Device::Cpu)
-                .ctx("awq scale")?;
-            quant.push(ready(&format!("{}.awq_scale", l.name), t, &err)?);
         }
     }
     write_streamed(&dir.join("model.safetensors"), dense, &err)?;
@@ -451,48 +434,19 @@ fn write_all(dir: &Path, inp: &SaveInputs<'_>) -> Result<()> {
     Ok(())
 }
 
-/// The tensors `quantized.safetensors` stores for one linear (suffixes after its name).
-pub(crate) fn linear_tensors(q: &QuantizedLinear) -> Result<Vec<(&'static str, Tensor)>> {
-    let (out, inp) = q.shape();
-    let codes = Tensor::from_vec(
-        q.codes.iter().copied().collect::<Vec<u8>>(),
-        (out, inp),
-        &Device::Cpu,
-    )
-    .ctx("codes")?;
-    let mut v = vec![("codes", codes)];
-    v.extend(linear_params(q)?);
-    Ok(v)
-}
-
-/// [`linear_tensors`] but the codes: the group parameters, `g_idx` and the double-quantized
-/// absmax.
-fn linear_params(q: &QuantizedLinear) -> Result<Vec<(&'static str, Tensor)>> {
-    let inp = q.shape().1;
-    let mut v = vec![
-        ("scales", to_tensor(q.scales.view())?),
-        ("zeros", to_tensor(q.zeros.view())?),
-        (
-            "g_idx",
-            Tensor::from_vec(q.g_idx.clone(), inp, &Device::Cpu).ctx("g_idx")?,
-        ),
-    ];
-    if let Some(n) = &q.nested {
-        v.push((
-            "dq_codes",
-            Tensor::from_vec(n.codes.clone(), n.codes.len(), &Device::Cpu).ctx("dq")?,
-        ));
-        v.push((
-            "dq_absmax",
-            Tensor::from_vec(n.nested_absmax.clone(), n.nested_absmax.len(), &Device::Cpu)
-                .ctx("dq")?,
-        ));
-        v.push((
-            "dq_offset",
-            Tensor::from_vec(vec![n.offset], 1, &Device::Cpu).ctx("dq")?,
-        ));
+/// A tensor of the quantized linears' layout ([`stored_layout::linear_tensors`]), written
+/// when the writer reaches it.
+fn streamed<'a>(
+    t: stored_layout::StoredTensor<'a>,
+    err: &'a RefCell<Option<PipelineError>>,
+) -> Streamed<'a> {
+    let (dtype, shape) = (t.dtype, t.shape.clone());
+    Streamed {
+        dtype,
+        shape,
+        make: Box::new(move || Ok(t.data.to_vec())),
+        err,
     }
-    Ok(v)
 }
 
 /// A checkpoint read back: the model (from `model.safetensors`), its tokenizer, the codes of
@@ -522,16 +476,6 @@ pub fn load_quantized(dir: &Path) -> Result<QuantizedCheckpoint> {
         detail: format!("not JSON: {e}"),
     })?;
     let model = LlamaModel::load(dir)?;
-    let qs = dir.join("quantized.safetensors");
-    let tensors =
-        candle_core::safetensors::load(&qs, &Device::Cpu).map_err(|e| PipelineError::Format {
-            path: qs.display().to_string(),
-            detail: e.to_string(),
-        })?;
-    let bad = |d: String| PipelineError::Format {
-        path: qs.display().to_string(),
-        detail: d,
-    };
     let layers = config
         .get("layers")
         .and_then(Value::as_object)
@@ -539,59 +483,13 @@ pub fn load_quantized(dir: &Path) -> Result<QuantizedCheckpoint> {
             path: qc.display().to_string(),
             detail: "no `layers` object".into(),
         })?;
-    let mut linears = BTreeMap::new();
-    let mut awq_scales = BTreeMap::new();
-    for (name, lv) in layers {
-        if lv.get("quantized").and_then(Value::as_bool) != Some(true) {
-            continue;
-        }
-        let spec: FormatSpec =
-            serde_json::from_value(lv.get("format_spec").cloned().unwrap_or(Value::Null))
-                .map_err(|e| bad(format!("layer `{name}`: format_spec: {e}")))?;
-        let gran: Granularity =
-            serde_json::from_value(lv.get("granularity").cloned().unwrap_or(Value::Null))
-                .map_err(|e| bad(format!("layer `{name}`: granularity: {e}")))?;
-        let get = |k: &str| {
-            tensors
-                .get(&format!("{name}.{k}"))
-                .ok_or_else(|| bad(format!("missing tensor `{name}.{k}`")))
-        };
-        let codes_t = get("codes")?;
-        let (out, inp) = codes_t.dims2().ctx("codes")?;
-        let codes = codes_t
-            .to_dtype(DType::U8)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<u8>())
-            .ctx("codes")?;
-        let codes = Array2::from_shape_vec((out, inp), codes).expect("dims");
-        let scales = to_array(get("scales")?)?;
-        let zeros = to_array(get("zeros")?)?;
-        let g_idx = get("g_idx")?.to_vec1::<u32>().ctx("g_idx")?;
-        let mut q = QuantizedLinear::from_parts(spec, gran, codes, scales, zeros, g_idx)?;
-        if let Ok(c) = get("dq_codes") {
-            let bs = lv
-                .get("double_quant_blocksize")
-                .and_then(Value::as_u64)
-                .unwrap_or(256) as usize;
-            q.nested = Some(NestedScales {
-                codes: c.to_vec1::<u8>().ctx("dq_codes")?,
-                nested_absmax: get("dq_absmax")?.to_vec1::<f32>().ctx("dq_absmax")?,
-                offset: *get("dq_offset")?
-                    .to_vec1::<f32>()
-                    .ctx("dq_offset")?
-                    .first()
-                    .ok_or_else(|| bad(format!("tensor `{name}.dq_offset` is empty")))?,
-                blocksize: bs,
-            });
-        }
-        if let Ok(s) = get("awq_scale") {
-            awq_scales.insert(
-                name.clone(),
-                Array1::from(s.to_vec1::<f32>().ctx("awq_scale")?),
-            );
-        }
-        linears.insert(name.clone(), q);
-    }
+    let stored = stored_layout::read_linears(&dir.join("quantized.safetensors"), layers)?;
+    let linears = stored.linears;
+    let awq_scales = stored
+        .awq_scales
+        .into_iter()
+        .map(|(k, v)| (k, Array1::from(v)))
+        .collect();
     Ok(QuantizedCheckpoint {
         model,
         linears,
@@ -603,6 +501,7 @@ pub fn load_quantized(dir: &Path) -> Result<QuantizedCheckpoint> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::to_tensor;
 
     /// The streamed writer's file, read back by candle's own safetensors reader, holds every
     /// tensor as it was (several dtypes, a computed one); a failure inside one tensor's
