@@ -36,8 +36,9 @@ if cargo install --list | grep -qx "evcxr_jupyter v${EVCXR_VERSION}:"; then
 else
     echo "notebooks.sh: installing evcxr_jupyter ${EVCXR_VERSION} (about 6 minutes on 2 cores)"
     # A CARGO_TARGET_DIR set for the workspace must not receive evcxr's build. The kernel
-    # only drives cargo and rustc, so it is built at opt-level 1 without LTO: 5.6 minutes
-    # instead of 8.5 on 2 cores (docs/notebooks.md), and no cell got measurably slower.
+    # only drives cargo and rustc (the cells' numeric work runs in the compiled crates), so
+    # it is built at opt-level 1 without LTO: 5.6 minutes instead of about 8.5 on 2 cores
+    # (docs/notebooks.md).
     env -u CARGO_TARGET_DIR \
         CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_LTO=false \
         CARGO_PROFILE_RELEASE_CODEGEN_UNITS=256 CARGO_PROFILE_RELEASE_DEBUG=false \
