@@ -11,11 +11,13 @@
 //!   drawn with the seed, each wrapped as `[CLS] window [SEP]` (`seqlen` is capped by the
 //!   model's positions);
 //! * layer by layer, group by group (GPTQ true-sequential: `[query, key, value]`,
-//!   `[attention.output]`, `[intermediate]`, `[output]`), the inputs of the group's linears
-//!   are captured with the model's hook over a whole forward pass (the earlier linears
-//!   already quantized), accumulated into one Hessian per distinct input, and each linear is
-//!   solved and replaced. The encoder is small (MiniLM: 6 layers), so the capture re-runs the
-//!   whole encoder instead of keeping block-boundary states: `4 x layers` forwards;
+//!   `[attention.output]`, `[intermediate]`, `[output]`), the one sequential solver of the
+//!   decoder driver (`crate::driver::sequential`) runs on this architecture's description
+//!   (`BertRun`): the inputs of the group's linears are captured with the model's hook over a
+//!   whole forward pass (the earlier linears already quantized), accumulated into one Hessian
+//!   per distinct input, and each linear is solved and replaced. The encoder is small (MiniLM:
+//!   6 layers), so the capture re-runs the whole encoder instead of keeping block-boundary
+//!   states: `4 x layers` forwards;
 //! * RTN-like methods (`rtn`, `nf4`, `fp4`, `int8`, `fp8`) capture once per layer, for the
 //!   error report only;
 //! * AWQ is refused: its scales would have to fold into BERT's post-LayerNorms (weight and
@@ -23,7 +25,7 @@
 //!
 //! The checkpoint is the source directory (tokenizer, sentence-transformers head) with
 //! `model.safetensors` holding the dequantized weights, plus `quantized.safetensors`
-//! (codes, scales, zeros, `g_idx` per linear, as [`crate::save`] writes them),
+//! (codes, scales, zeros, `g_idx` per linear, [`quantlab_checkpoints::quantlab`]),
 //! `quantization_config.json` and `report.json`; `quantlab eval embed --model DIR` loads it.
 //! With an eval text, the report gives the mean cosine similarity between the quantized and
 //! the float model's sentence embeddings.
@@ -32,22 +34,26 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use indicatif::ProgressBar;
+use ndarray::{Array1, Array2, ArrayView2};
+use quantlab_grids::QuantizedLinear;
 use quantlab_models::bert::{BertConfig, LAYER_LINEARS};
 use quantlab_models::embed::{cosine, SentenceEncoder};
 use quantlab_models::text::{read_text, split_sentences};
 use quantlab_solvers::hessian::{Counting, Hessian};
-use quantlab_solvers::rel_output_error;
 use serde_json::{json, Value};
 
 use crate::calib::{draw_windows, Calibration};
 use crate::config::Plan;
-use crate::driver::{report, solve, to_array, to_tensor, with_view, LayerReport, Timings};
+use crate::driver::sequential::{solve_block, BlockArch, BlockJob};
+use crate::driver::{report, to_array, to_tensor, with_view, Control, LayerReport, Timings};
 use crate::error::TensorContext;
 use crate::job::QuantizeJob;
+use crate::report::QuantizedLayer;
 use crate::report::{CalibrationFacts, EvalFacts, JobTimings, QuantizeReport};
 use crate::{PipelineError, Result};
 
@@ -176,6 +182,67 @@ fn input_of(k: usize) -> usize {
     }
 }
 
+/// A BERT layer as the sequential solver sees it ([`BlockArch`]): each group's inputs are
+/// captured by a whole forward with hooks, the earlier layers and groups already quantized
+/// (the encoder is small; MiniLM has 6 layers).
+struct BertRun<'a> {
+    enc: &'a mut SentenceEncoder,
+    data: &'a [(Tensor, Tensor)],
+}
+
+impl BlockArch for BertRun<'_> {
+    fn linears(&self) -> &'static [&'static str] {
+        &LAYER_LINEARS
+    }
+
+    fn groups(&self) -> &'static [&'static [usize]] {
+        &GROUPS
+    }
+
+    fn input_of(&self, k: usize) -> usize {
+        input_of(k)
+    }
+
+    fn capture(
+        &mut self,
+        i: usize,
+        _group: Option<usize>,
+        targets: &[usize],
+        t: &mut Timings,
+    ) -> Result<Vec<Hessian>> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = targets
+            .iter()
+            .map(|&k| format!("encoder.layer.{i}.{}", LAYER_LINEARS[k]))
+            .collect();
+        let dims = names
+            .iter()
+            .map(|n| Ok(self.enc.model().linear(n)?.in_features()))
+            .collect::<Result<Vec<usize>>>()?;
+        let tc = Instant::now();
+        let hs = capture(self.enc, self.data, &names, &dims)?;
+        t.forward += tc.elapsed().as_secs_f64();
+        Ok(hs)
+    }
+
+    fn weight(&self, name: &str) -> Result<Array2<f32>> {
+        to_array(&self.enc.model().weight(name)?)
+    }
+
+    fn install(
+        &mut self,
+        name: &str,
+        _lin: &QuantizedLinear,
+        _col_div: Option<&Array1<f32>>,
+        mem: ArrayView2<f32>,
+    ) -> Result<()> {
+        self.enc.model_mut().set_weight(name, to_tensor(mem)?)?;
+        Ok(())
+    }
+}
+
 /// Hessians of the inputs of `targets` (full names) over every batch.
 fn capture(
     enc: &SentenceEncoder,
@@ -242,7 +309,6 @@ pub fn run_bert(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quanti
     jt.load = t0.elapsed().as_secs_f64();
     let bc = enc.model().config().clone();
     let plan = plan_bert(job, &bc)?;
-    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
 
     let t0 = Instant::now();
     let seqlen = c.seqlen.min(bc.max_position_embeddings).max(3);
@@ -267,52 +333,33 @@ pub fn run_bert(job: &QuantizeJob, cancel: Option<&AtomicBool>) -> Result<Quanti
     let t_drv = Instant::now();
     let mut reports: Vec<Option<LayerReport>> = vec![None; plan.layers.len()];
     let mut quantized = BTreeMap::new();
-    let sequential = c.method.true_sequential();
+    let bar = ProgressBar::hidden();
+    let ctl = Control {
+        progress: false,
+        cancel,
+    };
     for l in 0..bc.num_hidden_layers {
         let lps = &plan.layers[l * 6..(l + 1) * 6];
-        let groups: Vec<Vec<usize>> = if sequential {
-            GROUPS.iter().map(|g| g.to_vec()).collect()
-        } else {
-            vec![(0..6).collect()]
+        let mut out: Vec<Option<(QuantizedLayer, LayerReport)>> = vec![None; 6];
+        let mut run = BertRun {
+            enc: &mut enc,
+            data: &data,
         };
-        for group in groups {
-            if cancelled() {
-                return Err(PipelineError::Interrupted);
-            }
-            let active: Vec<usize> = group.into_iter().filter(|&k| !lps[k].skip).collect();
-            if active.is_empty() {
-                continue;
-            }
-            let mut targets: Vec<usize> = Vec::new();
-            for &k in &active {
-                if !targets.iter().any(|&x| input_of(x) == input_of(k)) {
-                    targets.push(k);
+        let job = BlockJob {
+            i: l,
+            lps,
+            cfg: c,
+            scaled: None,
+            bar: &bar,
+            ctl: &ctl,
+        };
+        solve_block(&mut run, &job, &mut out, &mut t)?;
+        for (k, o) in out.into_iter().enumerate() {
+            if let Some((ql, r)) = o {
+                reports[l * 6 + k] = Some(r);
+                if let Some(lin) = ql.linear {
+                    quantized.insert(ql.name, lin);
                 }
-            }
-            let names: Vec<String> = targets.iter().map(|&k| lps[k].name.clone()).collect();
-            let dims: Vec<usize> = targets.iter().map(|&k| lps[k].shape.1).collect();
-            let tc = Instant::now();
-            let hs = capture(&enc, &data, &names, &dims)?;
-            t.forward += tc.elapsed().as_secs_f64();
-            for &k in &active {
-                let lp = &lps[k];
-                let p = targets
-                    .iter()
-                    .position(|&x| input_of(x) == input_of(k))
-                    .expect("target");
-                let H = hs[p].finish();
-                let ts = Instant::now();
-                let W = to_array(&enc.model().weight(&lp.name)?)?;
-                let (lin, rep) = solve(lp, c.method, c, W.view(), Some(H.view()), None)?;
-                let Qw = lin.dequantize();
-                let rel = rel_output_error(W.view(), Qw.view(), H.view())
-                    .map_err(|e| PipelineError::solver(&lp.name, e))?;
-                enc.model_mut()
-                    .set_weight(&lp.name, to_tensor(Qw.view())?)?;
-                let secs = ts.elapsed().as_secs_f64();
-                t.solver += secs;
-                reports[l * 6 + k] = Some(report(lp, Some(&lin), Some(&rep), rel, secs));
-                quantized.insert(lp.name.clone(), lin);
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The sequential layer-wise driver (GPTQ paper, section 4 "Implementation" / the reference
 //! `llama_sequential`): calibration windows are embedded once; then, block after block, the
-//! inputs of the block's linears are captured with a [`CaptureHook`], accumulated into one
+//! inputs of the block's linears are captured with a [`quantlab_models::CaptureHook`], accumulated into one
 //! Hessian per distinct input (q/k/v share one, gate/up share one, o, down), the linears are
 //! quantized and replaced, and the block is run again with its quantized weights to give the
 //! next block's inputs. Only the hidden states at the current block boundary are kept (one
@@ -38,9 +38,17 @@
 //! norm); it skips the clipping, since GPTQ fits each group's range as it sweeps.
 //! In memory the norms stay as they are and the linears fed by a norm hold
 //! `Q(W diag(s)) diag(1/s)`; the saved checkpoint folds `1/s` into the norm instead.
+//!
+//! # One solver, two architectures
+//! The block solver (`sequential::solve_block`) runs on a per-architecture description
+//! (`sequential::BlockArch`: the block's linears, their true-sequential groups, which input
+//! each reads, how a group's inputs are captured, how a quantized linear is put back). The
+//! LLaMA family's description runs the staged forward above; BERT's ([`crate::bert`])
+//! captures each group with a forward over hooks.
 #![allow(non_snake_case)]
 
 mod awq_search;
+pub(crate) mod sequential;
 mod stages;
 
 use awq_search::*;
@@ -272,7 +280,7 @@ fn quantize_data_free(
                 den += c * (w as f64).powi(2);
             }
         }
-        install(model, cfg, &lp.name, Some(&lin), None, Qw.view())?;
+        install(model, cfg.lazy, &lp.name, Some(&lin), None, Qw.view())?;
         let secs = ts.elapsed().as_secs_f64();
         t.solver += secs;
         let mut r = report(

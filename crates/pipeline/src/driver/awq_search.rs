@@ -397,7 +397,7 @@ pub(super) fn awq_quantize(
         }
         install(
             model,
-            cfg,
+            cfg.lazy,
             &lp.name,
             lin.as_ref(),
             norm_fed.then_some(&cols[k]),

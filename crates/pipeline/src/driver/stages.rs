@@ -9,18 +9,18 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use indicatif::ProgressBar;
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView2};
 use quantlab_grids::QuantizedLinear;
 use quantlab_models::{CaptureHook, CodesLinear, LlamaModel, BLOCK_LINEARS};
 use quantlab_solvers::awq::AwqStats;
 use quantlab_solvers::gptq::{gptq, GptqParams, GroupFit};
 use quantlab_solvers::hessian::{Counting, Hessian};
 use quantlab_solvers::rtn::{rtn, rtn_imatrix, rtn_imatrix_weights};
-use quantlab_solvers::{rel_output_error, SolveReport};
+use quantlab_solvers::SolveReport;
 
 use crate::config::{LayerPlan, Method, QuantizeConfig};
 use crate::error::TensorContext;
-use crate::report::{LayerReport, QuantizedLayer, Timings};
+use crate::report::{LayerReport, Timings};
 use crate::tensors::{to_array, to_tensor, with_view};
 use crate::{PipelineError, Result};
 
@@ -226,17 +226,17 @@ pub(super) fn weight_of(model: &LlamaModel, name: &str) -> Result<Array2<f32>> {
 }
 
 /// Puts a quantized linear into the model: its dequantized weight `mem` (f32), or with
-/// `cfg.lazy` its codes (`col_div` as in [`CodesLinear`]).
+/// `lazy` its codes (`col_div` as in [`CodesLinear`]).
 pub(super) fn install(
     model: &mut LlamaModel,
-    cfg: &QuantizeConfig,
+    lazy: bool,
     name: &str,
     lin: Option<&QuantizedLinear>,
     col_div: Option<&Array1<f32>>,
     mem: ArrayView2<f32>,
 ) -> Result<()> {
     match lin {
-        Some(q) if cfg.lazy => {
+        Some(q) if lazy => {
             let bias = model.linear(name)?.bias();
             let new = CodesLinear::new(q.clone(), col_div.map(|s| s.to_vec()), bias);
             model.replace_linear(name, Box::new(new))?;
@@ -334,25 +334,189 @@ pub(crate) fn report(
     }
 }
 
-/// Per block: the seven linears' results as the driver collects them.
-pub(super) type BlockOut = [Option<(QuantizedLayer, LayerReport)>];
+pub(super) use super::sequential::BlockOut;
+use super::sequential::{BlockArch, BlockJob};
 
-/// GPTQ or RTN on the linears of block `i`, group by group: the true-sequential groups for
-/// GPTQ methods (each group's inputs computed with the groups before it already quantized),
-/// one capture of all inputs otherwise.
-///
-/// The true-sequential path runs the block once, stage by stage
-/// ([`LlamaModel::block_attn_input`] ... [`LlamaModel::block_output`]): each stage's output
-/// is the input of the next group of linears, whose Hessian is accumulated from it before
-/// they are quantized; the last stage gives the block's output with every linear quantized,
-/// which is returned as the next block's inputs (`Some`). The one-capture path returns
-/// `None` (the caller runs the quantized block).
-///
-/// `scaled` (AWQ+GPTQ): the scaled weights `W'` of the seven linears and, for the linears fed
-/// by a norm, the scale `s` that their in-memory weight `W' diag(1/s)` is divided by. Their
-/// captured inputs are then the unscaled `x`, whose scaled-domain Hessian is
-/// `diag(1/s) H diag(1/s)`; the other linears (`o` after `v`, `down` after `up`) see inputs
-/// already divided by their scale, because the preceding linear's rows were.
+/// The true-sequential groups of a LLaMA block.
+const GROUPS: [&[usize]; 4] = [&[Q, K, V], &[O], &[GATE, UP], &[DOWN]];
+
+/// A LLaMA block as the sequential solver sees it ([`BlockArch`]). The true-sequential path
+/// runs the block once, stage by stage ([`LlamaModel::block_attn_input`] ...
+/// [`LlamaModel::block_output`]): each stage's output is the input of the next group of
+/// linears, whose Hessian is accumulated from it before they are quantized; the last stage
+/// ([`LlamaRun::output`]) is the block's output with every linear quantized. The one-capture
+/// path runs the block with hooks on its inputs.
+pub(super) struct LlamaRun<'a> {
+    model: &'a mut LlamaModel,
+    inps: &'a [Tensor],
+    seqs: Vec<usize>,
+    lazy: bool,
+    /// The stage outputs of the current block (each dropped once the next one is made).
+    xs: Vec<Tensor>,
+    attn: Vec<Tensor>,
+    resid: Vec<Tensor>,
+    x2: Vec<Tensor>,
+    act: Vec<Tensor>,
+}
+
+impl<'a> LlamaRun<'a> {
+    pub(super) fn new(model: &'a mut LlamaModel, inps: &'a [Tensor], lazy: bool) -> Self {
+        Self {
+            model,
+            inps,
+            seqs: inps.iter().map(|h| h.dims()[0]).collect(),
+            lazy,
+            xs: Vec::new(),
+            attn: Vec::new(),
+            resid: Vec::new(),
+            x2: Vec::new(),
+            act: Vec::new(),
+        }
+    }
+
+    /// The block's output with every linear quantized, after the true-sequential groups.
+    pub(super) fn output(&mut self, i: usize, t: &mut Timings) -> Result<Vec<Tensor>> {
+        let tf = Instant::now();
+        let m: &LlamaModel = self.model;
+        let outs = self
+            .resid
+            .iter()
+            .zip(&self.act)
+            .map(|(r, a)| Ok(m.block_output(i, r, a)?))
+            .collect::<Result<Vec<_>>>();
+        self.resid.clear();
+        self.act.clear();
+        t.forward += tf.elapsed().as_secs_f64();
+        outs
+    }
+
+    /// Stage `g` of block `i` (the inputs of group `g`), from the stage before it.
+    fn stage(&mut self, i: usize, g: usize) -> Result<&[Tensor]> {
+        let m: &LlamaModel = self.model;
+        match g {
+            // q, k, v: the normed block input
+            0 => {
+                self.xs = self
+                    .inps
+                    .iter()
+                    .map(|h| Ok(m.block_attn_input(i, h)?))
+                    .collect::<Result<_>>()?;
+                Ok(&self.xs)
+            }
+            // o: attention with the quantized q, k, v
+            1 => {
+                self.attn = self
+                    .xs
+                    .iter()
+                    .zip(&self.seqs)
+                    .map(|(x, &b)| Ok(m.block_attention(i, x, b)?))
+                    .collect::<Result<_>>()?;
+                self.xs.clear();
+                Ok(&self.attn)
+            }
+            // gate, up: the post-attention norm of the residual with the quantized o
+            2 => {
+                let mut resid = Vec::with_capacity(self.inps.len());
+                self.x2 = self
+                    .inps
+                    .iter()
+                    .zip(&self.attn)
+                    .map(|(h, a)| {
+                        let (r, x) = m.block_mlp_input(i, h, a)?;
+                        resid.push(r);
+                        Ok(x)
+                    })
+                    .collect::<Result<_>>()?;
+                self.resid = resid;
+                self.attn.clear();
+                Ok(&self.x2)
+            }
+            // down: silu(gate) * up with the quantized gate and up
+            _ => {
+                self.act = self
+                    .x2
+                    .iter()
+                    .map(|x| Ok(m.block_mlp_act(i, x)?))
+                    .collect::<Result<_>>()?;
+                self.x2.clear();
+                Ok(&self.act)
+            }
+        }
+    }
+}
+
+impl BlockArch for LlamaRun<'_> {
+    fn linears(&self) -> &'static [&'static str] {
+        &BLOCK_LINEARS
+    }
+
+    fn groups(&self) -> &'static [&'static [usize]] {
+        &GROUPS
+    }
+
+    fn input_of(&self, k: usize) -> usize {
+        input_of(k)
+    }
+
+    fn capture(
+        &mut self,
+        i: usize,
+        group: Option<usize>,
+        targets: &[usize],
+        t: &mut Timings,
+    ) -> Result<Vec<Hessian>> {
+        let Some(g) = group else {
+            let mut caps = capture(self.model, i, self.inps, targets, t)?;
+            return Ok(targets
+                .iter()
+                .map(|k| caps.remove(k).expect("captured").H)
+                .collect());
+        };
+        let tf = Instant::now();
+        self.stage(i, g)?;
+        t.forward += tf.elapsed().as_secs_f64();
+        let inputs = match g {
+            0 => &self.xs,
+            1 => &self.attn,
+            2 => &self.x2,
+            _ => &self.act,
+        };
+        let th = Instant::now();
+        let mut hs = Vec::with_capacity(targets.len());
+        for &k in targets {
+            let dim = inputs.first().map_or(0, |x| x.dims()[x.rank() - 1]);
+            let mut H = Hessian::new(dim).with_counting(Counting::Tokens);
+            for (x, &b) in inputs.iter().zip(&self.seqs) {
+                with_view(x, |X| {
+                    H.add_batch(X, b)
+                        .map_err(|e| PipelineError::solver(&block_name(i, k), e))
+                })?;
+            }
+            hs.push(H);
+        }
+        t.hessian += th.elapsed().as_secs_f64();
+        Ok(hs)
+    }
+
+    fn weight(&self, name: &str) -> Result<Array2<f32>> {
+        weight_of(self.model, name)
+    }
+
+    fn install(
+        &mut self,
+        name: &str,
+        lin: &QuantizedLinear,
+        col_div: Option<&Array1<f32>>,
+        mem: ArrayView2<f32>,
+    ) -> Result<()> {
+        install(self.model, self.lazy, name, Some(lin), col_div, mem)
+    }
+}
+
+/// GPTQ or RTN on the linears of block `i` ([`super::sequential::solve_block`] on a
+/// [`LlamaRun`]). Returns the block's output with every linear quantized (`Some`) on the
+/// true-sequential path; `None` on the one-capture path (the caller runs the quantized
+/// block). `scaled`: AWQ+GPTQ's scaled weights and norm scales ([`BlockJob::scaled`]).
 pub(super) fn solve_block(
     model: &mut LlamaModel,
     i: usize,
@@ -365,7 +529,8 @@ pub(super) fn solve_block(
     bar_layers: &ProgressBar,
     ctl: &Control<'_>,
 ) -> Result<Option<Vec<Tensor>>> {
-    let mut q = GroupSolver {
+    let mut run = LlamaRun::new(model, inps, cfg.lazy);
+    let job = BlockJob {
         i,
         lps,
         cfg,
@@ -373,201 +538,13 @@ pub(super) fn solve_block(
         bar: bar_layers,
         ctl,
     };
-    let sequential = cfg.method.true_sequential();
-    if !sequential {
-        let all: Vec<usize> = (0..7).collect();
-        let active: Vec<usize> = all.iter().copied().filter(|&k| !lps[k].skip).collect();
-        if active.is_empty() {
-            return Ok(None);
-        }
-        // one capture per distinct input: q/k/v and gate/up share theirs
-        let mut targets: Vec<usize> = Vec::new();
-        for &k in &active {
-            if !targets.iter().any(|&x| input_of(x) == input_of(k)) {
-                targets.push(k);
-            }
-        }
-        bar_layers.set_message(format!("block {i}: capturing {}", group_label(&active)));
-        let caps = capture(model, i, inps, &targets, t)?;
-        for &k in &active {
-            let src = targets
-                .iter()
-                .copied()
-                .find(|&x| input_of(x) == input_of(k))
-                .expect("target");
-            q.solve_one(model, k, &caps[&src].H, out, t)?;
-        }
+    super::sequential::solve_block(&mut run, &job, out, t)?;
+    if !cfg.method.true_sequential() {
         return Ok(None);
     }
-    let seqs: Vec<usize> = inps.iter().map(|h| h.dims()[0]).collect();
-    let timed = |t: &mut Timings, f: &mut dyn FnMut() -> Result<Vec<Tensor>>| {
-        let tf = Instant::now();
-        let r = f();
-        t.forward += tf.elapsed().as_secs_f64();
-        r
-    };
-    // q, k, v: the normed block input
-    ctl.check()?;
-    let m: &LlamaModel = model;
-    let xs = timed(t, &mut || {
-        inps.iter().map(|h| Ok(m.block_attn_input(i, h)?)).collect()
-    })?;
-    q.solve_group(model, &[Q, K, V], &xs, &seqs, out, t)?;
-    // o: attention with the quantized q, k, v
-    ctl.check()?;
-    let m: &LlamaModel = model;
-    let attn = timed(t, &mut || {
-        xs.iter()
-            .zip(&seqs)
-            .map(|(x, &b)| Ok(m.block_attention(i, x, b)?))
-            .collect()
-    })?;
-    drop(xs);
-    q.solve_group(model, &[O], &attn, &seqs, out, t)?;
-    // gate, up: the post-attention norm of the residual with the quantized o
-    ctl.check()?;
-    let m: &LlamaModel = model;
-    let mut resid = Vec::with_capacity(inps.len());
-    let x2 = timed(t, &mut || {
-        resid.clear();
-        inps.iter()
-            .zip(&attn)
-            .map(|(h, a)| {
-                let (r, x) = m.block_mlp_input(i, h, a)?;
-                resid.push(r);
-                Ok(x)
-            })
-            .collect()
-    })?;
-    drop(attn);
-    q.solve_group(model, &[GATE, UP], &x2, &seqs, out, t)?;
-    // down: silu(gate) * up with the quantized gate and up
-    ctl.check()?;
-    let m: &LlamaModel = model;
-    let act = timed(t, &mut || {
-        x2.iter().map(|x| Ok(m.block_mlp_act(i, x)?)).collect()
-    })?;
-    drop(x2);
-    q.solve_group(model, &[DOWN], &act, &seqs, out, t)?;
-    // the block's output with every linear quantized
     ctl.check()?;
     bar_layers.set_message(format!("block {i}: output"));
-    let m: &LlamaModel = model;
-    let outs = timed(t, &mut || {
-        resid
-            .iter()
-            .zip(&act)
-            .map(|(r, a)| Ok(m.block_output(i, r, a)?))
-            .collect()
-    })?;
-    Ok(Some(outs))
-}
-
-/// Quantizes the linears of one block given their Hessians (shared by both paths of
-/// [`solve_block`]).
-pub(super) struct GroupSolver<'a> {
-    i: usize,
-    lps: &'a [LayerPlan],
-    cfg: &'a QuantizeConfig,
-    scaled: Option<(&'a [Array2<f32>], &'a [Option<Array1<f32>>])>,
-    bar: &'a ProgressBar,
-    ctl: &'a Control<'a>,
-}
-
-impl GroupSolver<'_> {
-    /// The non-skipped linears of `group` (which share one input), with the Hessian of
-    /// `inputs` (`[rows, in]` per mini-batch of `seqs[b]` sequences).
-    pub(super) fn solve_group(
-        &mut self,
-        model: &mut LlamaModel,
-        group: &[usize],
-        inputs: &[Tensor],
-        seqs: &[usize],
-        out: &mut BlockOut,
-        t: &mut Timings,
-    ) -> Result<()> {
-        let active: Vec<usize> = group
-            .iter()
-            .copied()
-            .filter(|&k| !self.lps[k].skip)
-            .collect();
-        if active.is_empty() {
-            return Ok(());
-        }
-        self.bar.set_message(format!(
-            "block {}: Hessian of {}",
-            self.i,
-            group_label(&active)
-        ));
-        let th = Instant::now();
-        let dim = inputs.first().map_or(0, |x| x.dims()[x.rank() - 1]);
-        let mut H = Hessian::new(dim).with_counting(Counting::Tokens);
-        for (x, &b) in inputs.iter().zip(seqs) {
-            with_view(x, |X| {
-                H.add_batch(X, b)
-                    .map_err(|e| PipelineError::solver(&self.lps[active[0]].name, e))
-            })?;
-        }
-        t.hessian += th.elapsed().as_secs_f64();
-        for &k in &active {
-            self.solve_one(model, k, &H, out, t)?;
-        }
-        Ok(())
-    }
-
-    /// Linear `k` of the block with the Hessian of its input.
-    pub(super) fn solve_one(
-        &mut self,
-        model: &mut LlamaModel,
-        k: usize,
-        Hacc: &Hessian,
-        out: &mut BlockOut,
-        t: &mut Timings,
-    ) -> Result<()> {
-        self.ctl.check()?;
-        let lp = &self.lps[k];
-        self.bar
-            .set_message(format!("block {}: {}", self.i, BLOCK_LINEARS[k]));
-        let ts = Instant::now();
-        let norm_s = self.scaled.and_then(|(_, ns)| ns[k].as_ref());
-        let H = match norm_s {
-            Some(s) => scale_hessian(&Hacc.finish(), s),
-            None => Hacc.finish(),
-        };
-        let W = match self.scaled {
-            Some((ws, _)) => ws[k].clone(),
-            None => weight_of(model, &lp.name)?,
-        };
-        let (lin, rep) = solve(
-            lp,
-            self.cfg.method,
-            self.cfg,
-            W.view(),
-            Some(H.view()),
-            None,
-        )?;
-        let mut Qw = lin.dequantize();
-        let rel = rel_output_error(W.view(), Qw.view(), H.view())
-            .map_err(|e| PipelineError::solver(&lp.name, e))?;
-        if let Some(s) = norm_s {
-            Qw /= &s.view().insert_axis(Axis(0));
-        }
-        install(model, self.cfg, &lp.name, Some(&lin), norm_s, Qw.view())?;
-        let secs = ts.elapsed().as_secs_f64();
-        t.solver += secs;
-        let r = report(lp, Some(&lin), Some(&rep), rel, secs);
-        out[k] = Some((
-            QuantizedLayer {
-                name: lp.name.clone(),
-                linear: Some(lin),
-                input_scale: None,
-                norm_scale: None,
-            },
-            r,
-        ));
-        self.bar.inc(1);
-        Ok(())
-    }
+    Ok(Some(run.output(i, t)?))
 }
 
 /// Which linears share an input: q/k/v -> 0, o -> 3, gate/up -> 4, down -> 6.
@@ -579,16 +556,4 @@ pub(super) fn input_of(k: usize) -> usize {
     }
 }
 
-pub(super) fn group_label(kinds: &[usize]) -> String {
-    kinds
-        .iter()
-        .map(|&k| BLOCK_LINEARS[k].rsplit('.').next().unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// `diag(1/s) H diag(1/s)`: the Hessian of inputs divided by `s`.
-pub(super) fn scale_hessian(H: &Array2<f32>, s: &Array1<f32>) -> Array2<f32> {
-    let n = s.len();
-    Array2::from_shape_fn((n, n), |(i, j)| H[[i, j]] / (s[i] * s[j]))
-}
+pub(super) use super::sequential::scale_hessian;
