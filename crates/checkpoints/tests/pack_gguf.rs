@@ -446,3 +446,53 @@ proptest! {
         }
     }
 }
+
+/// One fitter per legacy type: with importance, each block is the grid's own weighted fit
+/// (`quantlab_grids::quantize_ggml_weighted`, the search the grid's RTN and GPTQ use) where
+/// that beats ggml's reference block under the weighted error, else the reference block.
+#[test]
+fn weighted_legacy_blocks_are_the_grids_own_fit() {
+    use quantlab_checkpoints::pack::gguf_blocks::{dequantize, quantize, GgmlType};
+    use quantlab_grids::ggml::quantize_ggml_weighted;
+    use quantlab_grids::GgmlGrid;
+    let n = 32 * 64;
+    let x: Vec<f32> = (0..n)
+        .map(|i| ((i as f32 * 0.377).sin() * 2.0 + (i % 11) as f32 * 0.05).powi(3))
+        .collect();
+    let w: Vec<f32> = (0..n).map(|i| 0.1 + ((i * 7919) % 97) as f32).collect();
+    let err = |y: &[f32], r: std::ops::Range<usize>| -> f64 {
+        r.map(|i| w[i] as f64 * (x[i] - y[i]) as f64 * (x[i] - y[i]) as f64)
+            .sum()
+    };
+    for (ty, grid) in [
+        (GgmlType::Q4_0, GgmlGrid::Q4_0),
+        (GgmlType::Q4_1, GgmlGrid::Q4_1),
+        (GgmlType::Q5_0, GgmlGrid::Q5_0),
+        (GgmlType::Q5_1, GgmlGrid::Q5_1),
+        (GgmlType::Q8_0, GgmlGrid::Q8_0),
+    ] {
+        let ours = dequantize("w", ty, &quantize("w", ty, &x, Some(&w)).unwrap()).unwrap();
+        let reference = dequantize("w", ty, &quantize("w", ty, &x, None).unwrap()).unwrap();
+        let xs = ndarray::ArrayView2::from_shape((1, n), &x).unwrap();
+        let grid_fit = quantize_ggml_weighted("w", xs, grid, Some(&w))
+            .unwrap()
+            .dequantize();
+        let grid_fit = grid_fit.as_slice().unwrap();
+        let mut from_grid = 0;
+        for b in 0..n / 32 {
+            let r = b * 32..(b + 1) * 32;
+            let want = if err(grid_fit, r.clone()) < err(&reference, r.clone()) {
+                from_grid += 1;
+                &grid_fit[r.clone()]
+            } else {
+                &reference[r.clone()]
+            };
+            assert_eq!(&ours[r.clone()], want, "{ty:?} block {b}");
+        }
+        // the search wins on most blocks of these weights
+        assert!(
+            from_grid > n / 32 / 2,
+            "{ty:?}: {from_grid} blocks from the grid's fit"
+        );
+    }
+}

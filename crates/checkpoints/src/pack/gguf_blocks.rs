@@ -41,11 +41,14 @@
 //!   [`GgmlGrid::IQ4_NL`] and of the super-block grid [`GgmlGrid::IQ4_XS`] (IQ4_NL's level
 //!   search per sub-block of 32, the sub-block scales as signed 6-bit multiples of one f16
 //!   `d`; [`quantlab_grids::ggml_k`]), every code the nearest level.
-//! * Importance (imatrix) hook, `quantize_weighted(x, w)`: the same searches with per-weight
-//!   importance `w_i >= 0`, minimising `sum_i w_i (x_i - y_i)^2` with `y` the dequantized
-//!   block. The searched block is kept only when its weighted error is below that of the
-//!   reference block, so it is never worse under the objective. A block
-//!   whose importance sums to 0 is quantized as with uniform weights.
+//! * Importance (imatrix) hook, `quantize_weighted(x, w)`: with per-weight importance
+//!   `w_i >= 0`, minimising `sum_i w_i (x_i - y_i)^2` with `y` the dequantized block, by the
+//!   grid's own fitter, the one each type has: [`GgmlGrid`]'s `fit_weighted` for the legacy
+//!   types (the search the grid's RTN and GPTQ on it use), the K / IQ fits above with the
+//!   importance. The searched block is kept only when its weighted error is below that of
+//!   ggml's reference block, so it is never worse under the objective. A block whose
+//!   importance sums to 0 is quantized as with uniform weights. The reference rule above stays
+//!   as llama.cpp's own quantizer, byte for byte, for quantizing without importance.
 //!
 //! ```
 //! use quantlab_checkpoints::pack::gguf_blocks::{BlockQ4_0, GgufBlock};
@@ -547,16 +550,6 @@ fn min_max(x: &[f32]) -> (f32, f32) {
     (min, max)
 }
 
-/// Round to nearest and clamp, for re-rounding under stored parameters (`0` when `d == 0`).
-#[inline]
-fn nearest(v: f32, d: f32, lo: f32, hi: f32) -> i32 {
-    if d == 0.0 {
-        0.0f32.clamp(lo, hi) as i32
-    } else {
-        (v / d).round().clamp(lo, hi) as i32
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Legacy types
 
@@ -597,22 +590,15 @@ fn q4_1_ref(x: &[f32], qmax: u8) -> (f16, f16, [u8; 32]) {
     (f16::from_f32(d), f16::from_f32(min), q)
 }
 
-/// Symmetric legacy search: stored f16 scale and re-rounded codes (`q + nhalf`).
-fn sym_weighted(x: &[f32], w: &[f32], nhalf: i32) -> (f16, [u8; 32]) {
-    let d = f16::from_f32(fit_symmetric(x, Some(w), -nhalf, nhalf - 1));
-    let df = d.to_f32();
-    let q = std::array::from_fn(|j| {
-        (nearest(x[j], df, -nhalf as f32, (nhalf - 1) as f32) + nhalf) as u8
-    });
-    (d, q)
-}
-
-fn affine_weighted(x: &[f32], w: &[f32], qmax: u32) -> (f16, f16, [u8; 32]) {
-    let (a, b) = fit_affine(x, Some(w), qmax, false);
-    let (d, m) = (f16::from_f32(a), f16::from_f32(b));
-    let (df, mf) = (d.to_f32(), m.to_f32());
-    let q = std::array::from_fn(|j| nearest(x[j] - mf, df, 0.0, qmax as f32) as u8);
-    (d, m, q)
+/// The importance-weighted fit of one legacy block: the grid's own search
+/// ([`GgmlGrid::fit_weighted`], the one fitter of the type, which the grid's RTN and GPTQ on
+/// it use too), its codes the nearest levels under the stored parameters
+/// ([`Format::encode`]). Returns the stored `d`, `m` (the `_1` types' minimum; 0 otherwise)
+/// and the codes (offset by the grid's zero for `_0` types, two's complement for Q8_0).
+fn grid_weighted(grid: GgmlGrid, x: &[f32], w: &[f32]) -> (f16, f16, [u8; 32]) {
+    let p = grid.fit_weighted(x, Some(w));
+    let q = std::array::from_fn(|j| grid.encode(x[j], p));
+    (f16::from_f32(p.scale), f16::from_f32(p.zero), q)
 }
 
 impl GgufBlock for BlockQ4_0 {
@@ -631,7 +617,7 @@ impl GgufBlock for BlockQ4_0 {
         match w {
             None => r,
             Some(w) => {
-                let (d, q) = sym_weighted(x, w, 8);
+                let (d, _, q) = grid_weighted(GgmlGrid::Q4_0, x, w);
                 better_of(x, Some(w), r, Self { d, qs: nibbles(&q) })
             }
         }
@@ -668,7 +654,7 @@ impl GgufBlock for BlockQ4_1 {
         match w {
             None => r,
             Some(w) => {
-                let (d, m, q) = affine_weighted(x, w, 15);
+                let (d, m, q) = grid_weighted(GgmlGrid::Q4_1, x, w);
                 let c = Self {
                     d,
                     m,
@@ -714,7 +700,10 @@ impl GgufBlock for BlockQ5_0 {
         let r = make(q4_0_ref(x, 16.0, 31));
         match w {
             None => r,
-            Some(w) => better_of(x, Some(w), r, make(sym_weighted(x, w, 16))),
+            Some(w) => {
+                let (d, _, q) = grid_weighted(GgmlGrid::Q5_0, x, w);
+                better_of(x, Some(w), r, make((d, q)))
+            }
         }
     }
 
@@ -750,7 +739,7 @@ impl GgufBlock for BlockQ5_1 {
         let r = make(q4_1_ref(x, 31));
         match w {
             None => r,
-            Some(w) => better_of(x, Some(w), r, make(affine_weighted(x, w, 31))),
+            Some(w) => better_of(x, Some(w), r, make(grid_weighted(GgmlGrid::Q5_1, x, w))),
         }
     }
 
@@ -785,11 +774,10 @@ impl GgufBlock for BlockQ8_0 {
         match w {
             None => r,
             Some(w) => {
-                let d = f16::from_f32(fit_symmetric(x, Some(w), -127, 127));
-                let df = d.to_f32();
+                let (d, _, q) = grid_weighted(GgmlGrid::Q8_0, x, w);
                 let c = Self {
                     d,
-                    qs: std::array::from_fn(|j| nearest(x[j], df, -127.0, 127.0) as i8),
+                    qs: q.map(|c| c as i8),
                 };
                 better_of(x, Some(w), r, c)
             }
