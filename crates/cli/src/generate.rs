@@ -35,14 +35,17 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// Resolves `smollm2` to the cached GGUF; any other value is a path.
+/// Resolves a known model's name (`smollm2`, `minilm`: `quantlab fetch` puts them in the cache)
+/// to its cached path when no file of that name exists; any other value is a path.
 pub fn resolve_model(model: &std::path::Path) -> Result<PathBuf> {
-    if model.as_os_str() == "smollm2" && !model.exists() {
-        let cache = quantlab::models::fetch::cache_dir()?;
-        return Ok(quantlab::models::fetch::model_path(
-            quantlab::models::fetch::KnownModel::SmolLM2,
-            &cache,
-        ));
+    use quantlab::models::fetch::{cache_dir, model_path, KnownModel};
+    if !model.exists() {
+        if let Some(k) = KnownModel::ALL
+            .into_iter()
+            .find(|k| model.as_os_str() == k.name())
+        {
+            return Ok(model_path(k, &cache_dir()?));
+        }
     }
     Ok(model.to_path_buf())
 }

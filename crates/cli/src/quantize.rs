@@ -114,7 +114,8 @@ fn method_of(a: &QuantizeArgs) -> pipeline::Result<Method> {
 /// Arguments of `quantize`.
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
-    /// Model: a .gguf file, a Hugging Face directory, or `smollm2` for the cached SmolLM2.
+    /// Model: a .gguf file, a Hugging Face directory (LLaMA family or a sentence-transformers
+    /// BERT), or `smollm2` / `minilm` for the cached models (`quantlab fetch`).
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     /// Quantization method.

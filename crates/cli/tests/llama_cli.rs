@@ -310,3 +310,45 @@ fn quantize_refuses_a_flag_of_another_method_by_name() {
     ]);
     assert!(ok, "{out}{err}");
 }
+
+/// `--model smollm2` / `--model minilm` name the cached models in every verb that takes a
+/// model, `quantize` included (a BERT directory there): resolved through the cache directory
+/// (`QUANTLAB_CACHE`), a file of that name taking precedence.
+#[test]
+fn quantize_takes_the_cached_models_by_name() {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let real = std::env::var_os("QUANTLAB_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| home.map(|h| h.join(".cache/quantlab")))
+        .map(|c| c.join("minilm"));
+    let Some(real) = real.filter(|p| p.join("config.json").is_file()) else {
+        println!("SKIP the cached MiniLM is not there (quantlab fetch minilm)");
+        return;
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let dst = cache.path().join("minilm");
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(real.join(f), dst.join(f)).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_quantlab"))
+        .args([
+            "quantize",
+            "--model",
+            "minilm",
+            "--method",
+            "rtn",
+            "--dry-run",
+        ])
+        .env("QUANTLAB_CACHE", cache.path())
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{o}{e}");
+    assert!(o.contains("encoder.layer.0.attention.self.query"), "{o}");
+}
