@@ -22,6 +22,10 @@ mod quantize;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// On an error, also print where it happened (the backtrace, when RUST_BACKTRACE or
+    /// RUST_LIB_BACKTRACE is set); without it an error is one line with its causes.
+    #[arg(short, long, global = true)]
+    verbose: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,9 +67,26 @@ fn tune_allocator() {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    let verbose = cli.verbose;
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}`: the error and its causes on one line; the backtrace that anyhow captures
+            // when RUST_BACKTRACE is set only with --verbose
+            if verbose {
+                eprintln!("Error: {e:?}");
+            } else {
+                eprintln!("Error: {e:#}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fetch(a) => fetch::run_fetch(a),
         Command::Generate(a) => generate::run_generate(a),

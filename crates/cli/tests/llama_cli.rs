@@ -352,3 +352,39 @@ fn quantize_takes_the_cached_models_by_name() {
     assert!(out.status.success(), "{o}{e}");
     assert!(o.contains("encoder.layer.0.attention.self.query"), "{o}");
 }
+
+/// An error is one line naming what is wrong, even with RUST_BACKTRACE set in the
+/// environment; `--verbose` adds where it happened.
+#[test]
+fn errors_are_one_line_unless_verbose() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "quantize",
+            "--model",
+            "no-such-model.gguf",
+            "--method",
+            "rtn",
+            "--out",
+            "unused-out",
+        ];
+        args.extend(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_quantlab"))
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let e = run(&[]);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.starts_with("Error: ") && e.contains("no-such-model.gguf"),
+        "{e}"
+    );
+    let v = run(&["--verbose"]);
+    assert!(
+        v.contains("no-such-model.gguf") && v.lines().count() > 1,
+        "{v}"
+    );
+}
