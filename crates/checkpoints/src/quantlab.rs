@@ -31,7 +31,8 @@
 //! let q = quantize_rtn("l", w.view(), &spec, Granularity::Group(32)).unwrap();
 //! let dir = tempfile::tempdir().unwrap();
 //! let path = dir.path().join("quantized.safetensors");
-//! safetensors::serialize_to_file(linear_tensors("l", &q, None), None, &path).unwrap();
+//! let tensors = linear_tensors("l", &q, None);
+//! safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n, t)), None, &path).unwrap();
 //! let mut layers = serde_json::Map::new();
 //! layers.insert("l".into(), serde_json::Value::Object(layer_layout(&q)));
 //! let back = read_linears(&path, &layers).unwrap();
@@ -50,7 +51,8 @@ use serde_json::{Map, Value};
 
 use crate::{CheckpointError, Result};
 
-/// One tensor of `quantized.safetensors`, its bytes borrowed where they can be.
+/// One tensor of a safetensors file, its bytes borrowed where they can be (written through
+/// `&StoredTensor`, which is a [`View`]).
 #[derive(Clone, Debug)]
 pub struct StoredTensor<'a> {
     /// The safetensors dtype.
@@ -61,7 +63,7 @@ pub struct StoredTensor<'a> {
     pub data: Cow<'a, [u8]>,
 }
 
-impl View for StoredTensor<'_> {
+impl View for &StoredTensor<'_> {
     fn dtype(&self) -> Dtype {
         self.dtype
     }

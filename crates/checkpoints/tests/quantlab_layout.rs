@@ -80,7 +80,12 @@ fn write(
         .iter()
         .flat_map(|(n, q, s)| linear_tensors(n, q, s.as_deref()))
         .collect();
-    safetensors::serialize_to_file(tensors, None, &dir.join("q.safetensors")).unwrap();
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, t)| (n, t)),
+        None,
+        &dir.join("q.safetensors"),
+    )
+    .unwrap();
     let mut layers = Map::new();
     for (n, q, _) in ls {
         layers.insert(n.clone(), Value::Object(layer_layout(q)));

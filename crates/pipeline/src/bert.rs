@@ -502,9 +502,11 @@ fn save_bert(
             .flat_map(|(name, lin)| quantlab_checkpoints::quantlab::linear_tensors(name, lin, None))
             .collect();
         let dst = tmp.join("quantized.safetensors");
-        safetensors::serialize_to_file(q, None, &dst).map_err(|e| PipelineError::Format {
-            path: dst.display().to_string(),
-            detail: e.to_string(),
+        safetensors::serialize_to_file(q.iter().map(|(n, t)| (n, t)), None, &dst).map_err(|e| {
+            PipelineError::Format {
+                path: dst.display().to_string(),
+                detail: e.to_string(),
+            }
         })?;
         let layers: Vec<Value> = plan
             .layers

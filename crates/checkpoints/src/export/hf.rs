@@ -55,9 +55,8 @@ use crate::pack::{pack_awq, pack_err, pack_gptq, GptqFormat};
 use crate::Result;
 use half::{bf16, f16};
 use quantlab_grids::{FormatSpec, Granularity, QuantizedLinear};
-use safetensors::{Dtype, View};
+use safetensors::Dtype;
 use serde_json::{json, Value};
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -171,33 +170,18 @@ impl HfExport {
     }
 }
 
-/// A tensor ready for safetensors.
-struct Out {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &Out {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
+/// A tensor ready for safetensors (owned bytes).
+type Out = crate::quantlab::StoredTensor<'static>;
 
 fn i32_out(a: &ndarray::Array2<i32>) -> Out {
     Out {
         dtype: Dtype::I32,
         shape: a.shape().to_vec(),
-        data: a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        data: a
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
     }
 }
 
@@ -209,7 +193,7 @@ fn raw_out(t: RawTensor) -> Out {
             RawDtype::F32 => Dtype::F32,
         },
         shape: t.shape,
-        data: t.data,
+        data: t.data.into(),
     }
 }
 
@@ -220,7 +204,7 @@ fn dense_out(name: &str, t: &DenseTensor) -> Result<Out> {
             format!("shape {:?} for {} values", t.shape, t.data.len()),
         ));
     }
-    let (dtype, data) = match t.dtype {
+    let (dtype, data): (Dtype, Vec<u8>) = match t.dtype {
         DenseDtype::F32 => (
             Dtype::F32,
             t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -243,7 +227,7 @@ fn dense_out(name: &str, t: &DenseTensor) -> Result<Out> {
     Ok(Out {
         dtype,
         shape: t.shape.clone(),
-        data,
+        data: data.into(),
     })
 }
 
@@ -328,7 +312,12 @@ pub fn write_hf_dir(dir: &Path, ex: &HfExport, format: HfQuantFormat) -> Result<
                     Out {
                         dtype: Dtype::F16,
                         shape: t.scales.shape().to_vec(),
-                        data: t.scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        data: t
+                            .scales
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>()
+                            .into(),
                     },
                 )?;
                 put(
@@ -336,7 +325,12 @@ pub fn write_hf_dir(dir: &Path, ex: &HfExport, format: HfQuantFormat) -> Result<
                     Out {
                         dtype: Dtype::I32,
                         shape: vec![t.g_idx.len()],
-                        data: t.g_idx.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        data: t
+                            .g_idx
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>()
+                            .into(),
                     },
                 )?;
             }
@@ -367,7 +361,12 @@ pub fn write_hf_dir(dir: &Path, ex: &HfExport, format: HfQuantFormat) -> Result<
                     Out {
                         dtype: Dtype::F16,
                         shape: t.scales.shape().to_vec(),
-                        data: t.scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        data: t
+                            .scales
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>()
+                            .into(),
                     },
                 )?;
             }
